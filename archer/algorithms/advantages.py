@@ -1,0 +1,66 @@
+"""Group-relative advantage estimators over contiguous groups of ``group_size`` samples.
+
+Rewards ``R`` ``[N]`` hold ``N / G`` groups of ``G = group_size`` responses to the same prompt,
+stored contiguously: group g is ``R[g*G : (g+1)*G]``. With mean_g and the unbiased (n−1) std_g::
+
+    GRPO     A_i = (R_i − mean_g) / (std_g + ε)       (Shao et al. 2024; ε = 1e-6)
+    Dr.GRPO  A_i =  R_i − mean_g                      (Liu et al. 2025: no std division)
+    RLOO     A_i =  R_i − mean_{j≠i} R_j = G/(G−1) · (R_i − mean_g)   (Ahmadian et al. 2024)
+
+A group of one response, or a group whose rewards are all equal, gets A = 0 exactly (never NaN):
+it carries no relative signal. The result is ``[N]``; broadcast it over a response's tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["grpo_advantages", "rloo_advantages", "compute_advantages"]
+
+
+def _grouped(rewards: Tensor, group_size: int) -> Tensor:
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of group_size={group_size}")
+    return rewards.view(-1, group_size)
+
+
+def _zero_where_uninformative(advantages: Tensor, groups: Tensor) -> Tensor:
+    """A = 0 exactly for groups whose rewards are all equal (float means can leave ±1e-17 residues)."""
+    constant = groups.amax(dim=1, keepdim=True) == groups.amin(dim=1, keepdim=True)
+    return torch.where(constant, torch.zeros_like(advantages), advantages)
+
+
+def grpo_advantages(rewards: Tensor, group_size: int, *, eps: float = 1e-6, normalize_std: bool = True) -> Tensor:
+    """GRPO (``normalize_std=True``) or Dr.GRPO (``False``) advantages ``[N]``; formulas in the module docstring."""
+    groups = _grouped(rewards, group_size)
+    if group_size == 1:
+        return torch.zeros_like(rewards)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if normalize_std:
+        centred = centred / (groups.std(dim=1, keepdim=True, unbiased=True) + eps)
+    return _zero_where_uninformative(centred, groups).reshape(-1)
+
+
+def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    """RLOO leave-one-out advantages ``[N]``: ``R_i − mean of the other G−1 rewards of its group``."""
+    groups = _grouped(rewards, group_size)
+    if group_size == 1:
+        return torch.zeros_like(rewards)
+    others_mean = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    return _zero_where_uninformative(groups - others_mean, groups).reshape(-1)
+
+
+def compute_advantages(rewards: Tensor, group_size: int, estimator: Literal["grpo", "drgrpo", "rloo"]) -> Tensor:
+    """Dispatch by name: ``"grpo"``, ``"drgrpo"`` (GRPO without std) or ``"rloo"``; returns ``[N]``."""
+    if estimator == "grpo":
+        return grpo_advantages(rewards, group_size)
+    if estimator == "drgrpo":
+        return grpo_advantages(rewards, group_size, normalize_std=False)
+    if estimator == "rloo":
+        return rloo_advantages(rewards, group_size)
+    raise ValueError(f"unknown advantage estimator {estimator!r}; expected 'grpo', 'drgrpo' or 'rloo'")

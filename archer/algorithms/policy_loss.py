@@ -1,0 +1,313 @@
+"""Clipped policy-gradient losses: vanilla PPO/GRPO/DAPO, Archer's dual-token loss, 80/20 masking.
+
+All three share ONE surrogate (:func:`clipped_surrogate`) fed with a per-token clip band, and
+differ only in which tokens get which band, which tokens the PG aggregate runs over, and how the
+KL term is normalised. Per valid token t (mask m_t = 1), with A_t the advantage::
+
+    r_t   = exp(clamp(ℓ_t − ℓ^old_t, −20, 20))
+    pg_t  = max(−A_t · r_t, −A_t · clip(r_t, 1 − ε⁻_t, 1 + ε⁺_t))
+    pg_t  = min(pg_t, −c · A_t)        if A_t < 0 and dual clip c is set (Ye et al. 2020)
+    loss  = agg(pg_t over the PG tokens) + KL terms
+
+* vanilla (:func:`clipped_policy_loss`): one band (ε⁻, ε⁺) for every token (DAPO clip-higher:
+  (0.2, 0.28)); KL, if any, is one aggregate over all valid tokens.
+* Archer (:func:`dual_token_loss`, arXiv 2507.15778): tokens typed by per-response entropy
+  quantile (:func:`~archer.algorithms.token_typing.classify_tokens`); knowledge tokens get the
+  tight band (0.2, 0.2) and KL β_k = 0.001, reasoning tokens the loose band (0.5, 0.5) and
+  β_r = 0. The PG term is ONE aggregate over all valid tokens; each type's KL is aggregated
+  over that type's tokens only (normalised by its own count).
+* 80/20 (:func:`high_entropy_mask_loss`, arXiv 2506.01939): PG only through tokens whose
+  entropy is above the ρ-quantile (per response or over the batch); the aggregate runs over
+  those kept tokens, so it equals the vanilla loss computed on the kept tokens alone.
+
+Shapes: logprob, old_logprob, ref_logprob, entropy, response_mask ``[B, T]``; advantages ``[B]``
+or ``[B, T]``. ``entropy`` is used for typing only and is detached. Every loss returns
+``(loss, stats)`` with the same :data:`STAT_KEYS` (python floats).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from archer.algorithms.aggregation import AggregationMode, agg_loss
+from archer.algorithms.kl import KLEstimator, kl_penalty
+from archer.algorithms.token_typing import classify_tokens, entropy_threshold
+
+__all__ = ["STAT_KEYS", "Surrogate", "clipped_surrogate", "clipped_policy_loss", "dual_token_loss", "high_entropy_mask_loss"]
+
+STAT_KEYS: tuple[str, ...] = (
+    "pg_loss", "kl", "clipfrac", "clipfrac_reasoning", "clipfrac_knowledge", "kl_reasoning", "kl_knowledge",
+    "reasoning_fraction", "entropy_reasoning", "entropy_knowledge", "entropy", "ratio_mean", "approx_kl",
+)
+"""Keys of the stats dict every policy loss returns (see :func:`_diagnostics` for their meaning)."""
+
+
+@dataclass
+class Surrogate:
+    """Per-token pieces of the clipped surrogate, all ``[B, T]``."""
+
+    pg: Tensor
+    """pg_t, the per-token loss (0 at padding); carries the gradient."""
+    clipped: Tensor
+    """bool: the ratio clip or the dual clip changed pg_t (so the token gets no gradient), False at padding."""
+
+
+def _check_shapes(response_mask: Tensor, **tensors: Tensor | None) -> None:
+    if response_mask.dim() != 2:
+        raise ValueError(f"response_mask must be [B, T], got {tuple(response_mask.shape)}")
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.shape != response_mask.shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(response_mask.shape)} like response_mask")
+
+
+def _token_advantages(advantages: Tensor, response_mask: Tensor) -> Tensor:
+    """Advantages ``[B]`` (one per response) or ``[B, T]`` → ``[B, T]``, detached."""
+    if advantages.dim() == 1 and advantages.shape[0] == response_mask.shape[0]:
+        advantages = advantages.unsqueeze(-1)
+    elif advantages.shape != response_mask.shape:
+        raise ValueError(f"advantages must be [B] or [B, T] = {tuple(response_mask.shape)}, got {tuple(advantages.shape)}")
+    return advantages.detach().expand_as(response_mask)
+
+
+def _check_clip(name: str, clip: tuple[float, float]) -> None:
+    if len(clip) != 2 or min(clip) < 0:
+        raise ValueError(f"{name} must be a pair (ε_low, ε_high) of non-negative floats, got {clip}")
+    if clip[0] >= 1:
+        raise ValueError(f"{name}[0] = {clip[0]} would clip the ratio below at 1 − ε ≤ 0")
+
+
+def _check_dual_clip(dual_clip: float | None) -> None:
+    if dual_clip is not None and not dual_clip > 1.0:
+        raise ValueError(f"dual_clip must be > 1 (or None to disable), got {dual_clip}")
+
+
+def clipped_surrogate(
+    logprob: Tensor,
+    old_logprob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    *,
+    clip_low: Tensor | float,
+    clip_high: Tensor | float,
+    dual_clip: float | None,
+) -> Surrogate:
+    """The shared surrogate (module docstring) with a per-token band ``clip_low``/``clip_high`` (``[B, T]`` or scalar).
+
+    Padding is replaced before any arithmetic (Δ = 0, A = 0), so whatever values sit there never
+    reach the loss or the gradient.
+    """
+    mask = response_mask.bool()
+    token_adv = torch.where(mask, _token_advantages(advantages, response_mask), 0.0)
+    log_ratio = torch.where(mask, logprob - old_logprob.detach(), 0.0).clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    lower = 1.0 - torch.as_tensor(clip_low, dtype=ratio.dtype, device=ratio.device)
+    upper = 1.0 + torch.as_tensor(clip_high, dtype=ratio.dtype, device=ratio.device)
+    unclipped = -token_adv * ratio
+    pg = torch.maximum(unclipped, -token_adv * torch.clamp(ratio, lower, upper))
+    if dual_clip is not None:
+        pg = torch.where(token_adv < 0, torch.minimum(pg, -dual_clip * token_adv), pg)
+    clipped = (pg.detach() != unclipped.detach()) & mask
+    return Surrogate(pg=pg, clipped=clipped)
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> float:
+    """Token mean of ``values`` over ``mask`` as a float; NaN when the mask is empty (nothing to report)."""
+    count = int(mask.sum())
+    return float(torch.where(mask, values.detach().double(), 0.0).sum() / count) if count else float("nan")
+
+
+def _diagnostics(
+    surrogate: Surrogate,
+    pg_loss: Tensor,
+    pg_tokens: Tensor,
+    reasoning: Tensor | None,
+    entropy: Tensor | None,
+    kl_per_token: Tensor | None,
+    response_mask: Tensor,
+    loss_agg: AggregationMode,
+    norm_len: int | None,
+    logprob: Tensor,
+    old_logprob: Tensor,
+) -> dict[str, float]:
+    """The :data:`STAT_KEYS` stats, python floats.
+
+    clipfrac*: fraction of PG tokens (of that type) whose surrogate took a clipped branch.
+    kl*: the KL estimator aggregated with ``loss_agg`` over all valid / reasoning / knowledge tokens
+    (0.0 when no reference log-probs were given). entropy*: token means (NaN without entropies).
+    reasoning_fraction: reasoning tokens / valid tokens. ratio_mean: token mean of r_t.
+    approx_kl: token mean of k3 between π_old and π, (r − 1) − log r ≥ 0.
+    Per-type stats with no token of that type are NaN.
+    """
+    mask = response_mask.bool()
+    with torch.no_grad():
+        if reasoning is None:
+            reasoning = torch.zeros_like(mask)
+        knowledge = mask & ~reasoning
+        log_ratio = torch.where(mask, logprob - old_logprob, 0.0).clamp(-20.0, 20.0).double()
+
+        def kl_over(tokens: Tensor) -> float:
+            if kl_per_token is None:
+                return 0.0
+            return float(agg_loss(kl_per_token.detach(), tokens, loss_agg, norm_len=norm_len))
+
+        def entropy_over(tokens: Tensor) -> float:
+            return float("nan") if entropy is None else _masked_mean(entropy, tokens)
+
+        clipped = surrogate.clipped.double()
+        return {
+            "pg_loss": float(pg_loss.detach()),
+            "kl": kl_over(mask),
+            "clipfrac": _masked_mean(clipped, pg_tokens),
+            "clipfrac_reasoning": _masked_mean(clipped, pg_tokens & reasoning),
+            "clipfrac_knowledge": _masked_mean(clipped, pg_tokens & knowledge),
+            "kl_reasoning": kl_over(reasoning),
+            "kl_knowledge": kl_over(knowledge),
+            "reasoning_fraction": _masked_mean(reasoning.double(), mask),
+            "entropy_reasoning": entropy_over(reasoning),
+            "entropy_knowledge": entropy_over(knowledge),
+            "entropy": entropy_over(mask),
+            "ratio_mean": _masked_mean(torch.exp(log_ratio), mask),
+            "approx_kl": _masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+        }
+
+
+def _kl_per_token(logprob: Tensor, ref_logprob: Tensor | None, response_mask: Tensor, estimator: KLEstimator) -> Tensor | None:
+    """KL estimator at valid tokens, 0 at padding (padding replaced before the arithmetic); None without a reference."""
+    if ref_logprob is None:
+        return None
+    mask = response_mask.bool()
+    ref = ref_logprob.detach()
+    return kl_penalty(torch.where(mask, logprob, ref), ref, estimator)
+
+
+def clipped_policy_loss(
+    logprob: Tensor,
+    old_logprob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    *,
+    clip: tuple[float, float] = (0.2, 0.2),
+    dual_clip: float | None = 10.0,
+    loss_agg: AggregationMode = "token-mean",
+    ref_logprob: Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: KLEstimator = "low_var_kl",
+    norm_len: int | None = None,
+    entropy: Tensor | None = None,
+    rho: float = 0.8,
+) -> tuple[Tensor, dict[str, float]]:
+    """Vanilla PPO/GRPO/DAPO: ``agg(pg_t) + kl_coef · agg(KL_t)`` with one clip band for every token.
+
+    ``clip = (ε⁻, ε⁺)``; ``dual_clip = c`` (None disables); ``kl_coef`` = β (needs ``ref_logprob``);
+    ``entropy`` (optional) only types tokens at ``rho`` for the per-type diagnostics.
+    """
+    _check_shapes(response_mask, logprob=logprob, old_logprob=old_logprob, ref_logprob=ref_logprob, entropy=entropy)
+    _check_clip("clip", clip)
+    _check_dual_clip(dual_clip)
+    if kl_coef > 0 and ref_logprob is None:
+        raise ValueError(f"kl_coef = {kl_coef} > 0 needs ref_logprob")
+    mask = response_mask.bool()
+    surrogate = clipped_surrogate(
+        logprob, old_logprob, advantages, mask, clip_low=clip[0], clip_high=clip[1], dual_clip=dual_clip
+    )
+    pg_loss = agg_loss(surrogate.pg, mask, loss_agg, norm_len=norm_len)
+    kl_t = _kl_per_token(logprob, ref_logprob, mask, kl_estimator)
+    loss = pg_loss
+    if kl_coef > 0:
+        loss = loss + kl_coef * agg_loss(kl_t, mask, loss_agg, norm_len=norm_len)
+    reasoning = None if entropy is None else classify_tokens(entropy, mask, rho)
+    stats = _diagnostics(surrogate, pg_loss, mask, reasoning, entropy, kl_t, mask, loss_agg, norm_len, logprob, old_logprob)
+    return loss, stats
+
+
+def dual_token_loss(
+    logprob: Tensor,
+    old_logprob: Tensor,
+    ref_logprob: Tensor | None,
+    advantages: Tensor,
+    entropy: Tensor,
+    response_mask: Tensor,
+    *,
+    rho: float = 0.8,
+    knowledge_clip: tuple[float, float] = (0.2, 0.2),
+    reasoning_clip: tuple[float, float] = (0.5, 0.5),
+    knowledge_kl: float = 0.001,
+    reasoning_kl: float = 0.0,
+    dual_clip: float | None = 10.0,
+    kl_estimator: KLEstimator = "low_var_kl",
+    loss_agg: AggregationMode = "token-mean",
+    norm_len: int | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Archer's dual-token loss (arXiv 2507.15778): ``agg(pg_t) + β_k·KL_know + β_r·KL_reas``.
+
+    Reasoning tokens = ``classify_tokens(entropy, response_mask, rho)`` (H_t above its response's
+    ρ-quantile); knowledge tokens = the other valid tokens. Knowledge tokens use
+    ``knowledge_clip`` (ε⁻, ε⁺) and β_k = ``knowledge_kl``; reasoning tokens ``reasoning_clip`` and
+    β_r = ``reasoning_kl``. PG is one aggregate over all valid tokens; KL_know / KL_reas are the
+    same aggregation restricted to that type's tokens. ``ref_logprob`` may be None only if both β are 0.
+    """
+    _check_shapes(response_mask, logprob=logprob, old_logprob=old_logprob, ref_logprob=ref_logprob, entropy=entropy)
+    _check_clip("knowledge_clip", knowledge_clip)
+    _check_clip("reasoning_clip", reasoning_clip)
+    _check_dual_clip(dual_clip)
+    if (knowledge_kl > 0 or reasoning_kl > 0) and ref_logprob is None:
+        raise ValueError(f"knowledge_kl = {knowledge_kl} / reasoning_kl = {reasoning_kl} > 0 need ref_logprob")
+    mask = response_mask.bool()
+    reasoning = classify_tokens(entropy, mask, rho)
+    knowledge = mask & ~reasoning
+    surrogate = clipped_surrogate(
+        logprob,
+        old_logprob,
+        advantages,
+        mask,
+        clip_low=torch.where(reasoning, reasoning_clip[0], knowledge_clip[0]),
+        clip_high=torch.where(reasoning, reasoning_clip[1], knowledge_clip[1]),
+        dual_clip=dual_clip,
+    )
+    pg_loss = agg_loss(surrogate.pg, mask, loss_agg, norm_len=norm_len)
+    kl_t = _kl_per_token(logprob, ref_logprob, mask, kl_estimator)
+    loss = pg_loss
+    if knowledge_kl > 0:
+        loss = loss + knowledge_kl * agg_loss(kl_t, knowledge, loss_agg, norm_len=norm_len)
+    if reasoning_kl > 0:
+        loss = loss + reasoning_kl * agg_loss(kl_t, reasoning, loss_agg, norm_len=norm_len)
+    stats = _diagnostics(surrogate, pg_loss, mask, reasoning, entropy, kl_t, mask, loss_agg, norm_len, logprob, old_logprob)
+    return loss, stats
+
+
+def high_entropy_mask_loss(
+    logprob: Tensor,
+    old_logprob: Tensor,
+    advantages: Tensor,
+    entropy: Tensor,
+    response_mask: Tensor,
+    *,
+    rho: float = 0.8,
+    level: Literal["response", "batch"] = "response",
+    clip: tuple[float, float] = (0.2, 0.28),
+    dual_clip: float | None = 10.0,
+    loss_agg: AggregationMode = "token-mean",
+    norm_len: int | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """"80/20" (arXiv 2506.01939): PG only through tokens with H_t > q, aggregated over those tokens.
+
+    q is the ρ-quantile of the valid tokens' entropies per response (``level="response"``, as
+    Archer types tokens) or over the whole batch (``level="batch"``, the paper's choice). The kept
+    tokens are reported as the "reasoning" type; the result equals :func:`clipped_policy_loss`
+    with ``response_mask`` replaced by the kept tokens. No KL term.
+    """
+    _check_shapes(response_mask, logprob=logprob, old_logprob=old_logprob, entropy=entropy)
+    _check_clip("clip", clip)
+    _check_dual_clip(dual_clip)
+    mask = response_mask.bool()
+    kept = (entropy.detach().double() > entropy_threshold(entropy, mask, rho, level=level)) & mask
+    surrogate = clipped_surrogate(
+        logprob, old_logprob, advantages, kept, clip_low=clip[0], clip_high=clip[1], dual_clip=dual_clip
+    )
+    pg_loss = agg_loss(surrogate.pg, kept, loss_agg, norm_len=norm_len)
+    stats = _diagnostics(surrogate, pg_loss, kept, kept, entropy, None, mask, loss_agg, norm_len, logprob, old_logprob)
+    return pg_loss, stats

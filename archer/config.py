@@ -1,0 +1,64 @@
+"""Typed groups of training settings. jsonargparse reads the attribute docstrings as CLI help."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup, then a constant or cosine learning rate (the paper: 1e-6, 10 warmup steps)."""
+
+    lr: float = 1e-6
+    """Peak learning rate."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_steps: int = 10
+    """Optimizer steps of linear warmup from 0 to ``lr``."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """Learning-rate shape after warmup; cosine decays to ``min_lr_ratio * lr`` at ``trainer.max_steps``."""
+    min_lr_ratio: float = 0.0
+    """Floor of the cosine schedule as a fraction of ``lr``."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip; a non-finite norm skips the optimizer step."""
+
+
+@dataclass
+class UpdateConfig:
+    """How one rollout batch becomes optimizer steps (PPO-style epochs over mini-batches)."""
+
+    ppo_epochs: int = 1
+    """Passes over the rollout batch (the official recipe: 3)."""
+    mini_batch_size: int = 0
+    """Prompts (global, across ranks) per optimizer step; 0 = the whole rollout batch (one step per RL step)."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward on one rank (gradient accumulation inside a mini-batch)."""
+    shuffle: bool = False
+    """Shuffle sequences between mini-batches each epoch (the official recipe does not)."""
+    logprob_chunk_size: int = 1024
+    """Rows of the vocabulary projection computed at once; bounds the logits' memory."""
+    max_nonfinite_steps: int = 5
+    """Consecutive optimizer steps with a non-finite loss or gradient before the run stops."""
+
+
+@dataclass
+class OverlongConfig:
+    """DAPO's overlong reward shaping: a linear penalty in the last ``buffer`` tokens before the max length."""
+
+    buffer: int = 16
+    """Tokens before ``sampling.max_new_tokens`` where the penalty starts."""
+    penalty: float = 1.0
+    """Penalty at the max length (subtracted from the reward)."""
+
+
+@dataclass
+class DynamicSamplingConfig:
+    """Drop groups whose rewards are all equal (they carry zero advantage), as DAPO and Archer do."""
+
+    refill: bool = True
+    """DAPO: roll out further prompt batches until the batch is full again. Archer's recipe: False (drop only)."""
+    max_extra_batches: int = 3
+    """Cap on extra prompt batches rolled out per step when refilling."""

