@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import lightning as L
 import torch
@@ -139,6 +139,7 @@ class ArcherModule(L.LightningModule):
         self.val_metrics = torch.nn.ModuleDict()
         self.last_rollout_samples: list[dict] = []
         self._rollout_ready = False
+        self._base_seed: int | None = None
         self._nonfinite_in_a_row = 0
         self._nonfinite_total = 0
 
@@ -178,6 +179,18 @@ class ArcherModule(L.LightningModule):
         for name in names:
             if name not in self.val_metrics:
                 self.val_metrics[name] = torch.nn.ModuleDict({f"pass@{k}": PassAtK(k) for k in self.pass_k})
+
+        if self._base_seed is None:
+            # After `seed_everything`, so a resumed run derives the same per-step seeds (see _seed).
+            self._base_seed = self.sampling.seed if self.sampling.seed is not None else torch.initial_seed()
+
+    def _seed(self, draw: int = 0) -> int:
+        """The seed of this step's ``draw``-th rollout on this rank.
+
+        Derived from (base seed, global step, rank, draw) rather than from a global RNG state, so a
+        run resumed from a checkpoint samples exactly what the uninterrupted run would have.
+        """
+        return (self._base_seed + 1_000_003 * self.global_step + 10_007 * self.global_rank + draw) % 2**31
 
     def teardown(self, stage: str) -> None:
         if self.reward_runner is not None:
@@ -257,7 +270,7 @@ class ArcherModule(L.LightningModule):
         dropped groups stay in the batch, masked out of the loss.
         """
         n = self.sampling.n
-        samples = self._sample(prompt_rows, self.sampling)
+        samples = self._sample(prompt_rows, replace(self.sampling, seed=self._seed()))
         scores = self._score(samples, stats)
         if self.dynamic_sampling is None:
             return samples, scores, torch.ones_like(scores, dtype=torch.bool)
@@ -268,7 +281,8 @@ class ArcherModule(L.LightningModule):
             and informative.sum() < len(prompt_rows)
             and extra_batches < self.dynamic_sampling.max_extra_batches
         ):
-            extra = self._sample(self.trainer.datamodule.draw_train_batch(), self.sampling)
+            extra_rows = self.trainer.datamodule.draw_train_batch()
+            extra = self._sample(extra_rows, replace(self.sampling, seed=self._seed(draw=extra_batches + 1)))
             extra_scores = self._score(extra, stats)
             samples = samples + extra
             scores = torch.cat([scores, extra_scores])
@@ -396,7 +410,11 @@ class ArcherModule(L.LightningModule):
         sums: dict[str, float] = defaultdict(float)
         count = 0
         for epoch in range(self.update.ppo_epochs):
-            order = torch.randperm(n_seq, device=self.device) if self.update.shuffle else torch.arange(n_seq, device=self.device)
+            if self.update.shuffle:
+                generator = torch.Generator().manual_seed(self._seed(draw=1000 + epoch))
+                order = torch.randperm(n_seq, generator=generator).to(self.device)
+            else:
+                order = torch.arange(n_seq, device=self.device)
             for mini_idx in _chunks(n_seq, mini_seqs):
                 mini = order[mini_idx]
                 units_local = agg_units(rollout.response_mask[mini], self.loss.loss_agg)
@@ -488,7 +506,9 @@ class ArcherModule(L.LightningModule):
             return
         self.actor.eval()
         stats: dict = defaultdict(float)
-        scores = self._score(self._sample(batch, self.val_sampling), stats)
+        # A fixed seed per batch: successive validations of the same policy agree.
+        sampling = replace(self.val_sampling, seed=self._base_seed + 7919 * batch_idx + dataloader_idx)
+        scores = self._score(self._sample(batch, sampling), stats)
         correct = (scores >= 1.0).view(len(batch), self.val_sampling.n)
         for metric in self.val_metrics[names[dataloader_idx]].values():
             metric.update(correct)

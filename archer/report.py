@@ -50,7 +50,9 @@ FIGURES: tuple[Figure, ...] = (
         "Response length",
         (("train/response_length_mean",), ("train/response_clip_ratio",)),
     ),
-    Figure("entropy", "Entropy: reasoning vs knowledge tokens", (("train/entropy_reasoning", "train/entropy_knowledge"),)),
+    Figure(
+        "entropy", "Entropy: reasoning vs knowledge tokens", (("train/entropy_reasoning", "train/entropy_knowledge"),)
+    ),
     Figure("clipfrac", "Clip fraction per token type", (("train/clipfrac_reasoning", "train/clipfrac_knowledge"),)),
     Figure("kl", "KL to reference per token type", (("train/kl_reasoning", "train/kl_knowledge"),)),
 )

@@ -95,9 +95,13 @@ def main() -> None:
         f"Command: `python benchmarks/{Path(sys.argv[0]).name}`. Tiny random Qwen2, 2 layers, 4 heads, "
         "intermediate = 2 × hidden, float32.",
         "",
-        "| hidden | params (MiB) | in-place sync (s, median of 5) | restart: save + new LLM (s) | of which LLM start (s) |",
+        "| hidden | params (MiB) | in-place sync (s, median of 5) | restart: save + new LLM (s) "
+        "| of which LLM start (s) |",
         "|---:|---:|---:|---:|---:|",
-        *[f"| {h} | {mib:.2f} | {sync:.4f} | {restart:.2f} | {start:.2f} |" for h, mib, sync, restart, start in sync_rows],
+        *[
+            f"| {h} | {mib:.2f} | {sync:.4f} | {restart:.2f} | {start:.2f} |"
+            for h, mib, sync, restart, start in sync_rows
+        ],
         "",
         f"Rollout: {PROMPTS} prompts × n={SAMPLES} × up to {NEW_TOKENS} tokens, temperature 1.0.",
         "",

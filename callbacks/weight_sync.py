@@ -36,7 +36,9 @@ __all__ = ["WeightSyncCallback"]
 class WeightSyncCallback(L.Callback):
     """After every training batch, copy ``pl_module.actor``'s weights into ``pl_module.rollout`` in place."""
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         engine = getattr(pl_module, "rollout", None)
         actor = getattr(pl_module, "actor", None)
         if engine is None or actor is None:

@@ -8,14 +8,16 @@ carry ``"stream_index"``, the global batch's index). Val dataloaders are finite 
 per val dataset, named by ``val_dataset_names``.
 
 Resume: ``state_dict``/``load_state_dict`` (Lightning stores them in checkpoints) hold the stream
-position. Lightning fetches one batch ahead of the training step; ``on_before_batch_transfer``,
-which Lightning calls for the batch actually trained on, moves the recorded position back to it,
-so a checkpoint saved after step k resumes with batch k + 1. A LightningModule that overrides
+position, and that of the refill stream behind ``draw_train_batch``. Lightning fetches one batch
+ahead of the training step; ``on_before_batch_transfer``, which Lightning calls for the batch
+actually trained on, moves the recorded position back to it, so a checkpoint saved after step k
+resumes with batch k + 1. A LightningModule that overrides
 ``on_before_batch_transfer`` must call ``trainer.datamodule.on_before_batch_transfer`` from it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
@@ -146,7 +148,9 @@ class PromptDataModule(L.LightningDataModule):
         self.num_bad_rows_skipped: dict[str, int] = {}
         """Per data set: bad rows skipped (``skip_bad_rows=True``)."""
         self._stream: PromptStream | None = None
-        self._stream_state_to_load: dict[str, int] | None = None
+        self._refill_stream: PromptStream | None = None
+        self._refill_iterator: Iterator[list[dict[str, Any]]] | None = None
+        self._states_to_load: dict[str, dict[str, int]] = {}
 
     # ----------------------------------------------------------------------------------------- rows
     def _file_rows(self, name: str, files: list[str]) -> list[dict[str, Any]]:
@@ -204,19 +208,35 @@ class PromptDataModule(L.LightningDataModule):
             return dist.get_rank(), dist.get_world_size()
         return 0, 1
 
+    def _build_stream(self, seed: int, state: dict[str, int] | None) -> PromptStream:
+        self.setup()
+        rank, world_size = self._rank_and_world_size()
+        stream = PromptStream(
+            self.train_items, self.batch_size, rank=rank, world_size=world_size, shuffle=self.shuffle, seed=seed
+        )
+        if state is not None:
+            stream.load_state_dict(state)
+        return stream
+
     @property
     def stream(self) -> PromptStream:
         """This rank's train stream (built on first use, with any loaded checkpoint position)."""
         if self._stream is None:
-            self.setup()
-            rank, world_size = self._rank_and_world_size()
-            self._stream = PromptStream(
-                self.train_items, self.batch_size,
-                rank=rank, world_size=world_size, shuffle=self.shuffle, seed=self.seed,
-            )
-            if self._stream_state_to_load is not None:
-                self._stream.load_state_dict(self._stream_state_to_load)
+            self._stream = self._build_stream(self.seed, self._states_to_load.get("train"))
         return self._stream
+
+    def draw_train_batch(self) -> list[dict[str, Any]]:
+        """One extra train batch for this rank, for dynamic-sampling refills inside a training step.
+
+        It comes from a second stream over the train prompts, shuffled with seed ``seed + 1``
+        and checkpointed with its own position, so refills neither shift the main stream's
+        batches nor its resume position (with ``shuffle=False`` both streams visit the prompts in
+        the same order).
+        """
+        if self._refill_stream is None:
+            self._refill_stream = self._build_stream(self.seed + 1, self._states_to_load.get("refill"))
+            self._refill_iterator = iter(self._refill_stream)
+        return next(self._refill_iterator)
 
     def train_dataloader(self) -> DataLoader:
         # One process reads: the stream's position must live in this object to be checkpointed.
@@ -238,14 +258,15 @@ class PromptDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
-        if self._stream is None:
-            return dict(self._stream_state_to_load or {})
-        return self._stream.state_dict()
+        """``{"train": position, "refill": position}`` of the streams (loaded but unbuilt ones kept as loaded)."""
+        state = dict(self._states_to_load)
+        for name, stream in (("train", self._stream), ("refill", self._refill_stream)):
+            if stream is not None:
+                state[name] = stream.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
-            return
-        self._stream_state_to_load = dict(state_dict)
-        if self._stream is not None:
-            self._stream.load_state_dict(state_dict)
-
+        self._states_to_load = dict(state_dict)
+        for name, stream in (("train", self._stream), ("refill", self._refill_stream)):
+            if stream is not None and name in state_dict:
+                stream.load_state_dict(state_dict[name])

@@ -2,7 +2,7 @@
 
 The stream walks through global batches numbered 0, 1, 2, ... without end. Global batch ``k`` is
 batch ``k mod B`` of epoch ``k // B`` (``B = len(items) // global_batch_size`` batches per epoch; the
-last partial batch of an epoch is dropped so that every epoch has the same batches count). Each
+last partial batch of an epoch is dropped so that every epoch has the same number of batches). Each
 epoch visits the items in a permutation seeded by ``(seed, epoch)``, so epochs differ and a rerun
 repeats them. Rank ``r`` of ``W`` gets the slice ``[r·b, (r+1)·b)`` of each global batch,
 ``b = global_batch_size / W``: ranks see disjoint prompts and together the whole global batch.

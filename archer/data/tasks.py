@@ -77,9 +77,14 @@ class DigitCopyTask(SyntheticTask):
     """Copy one digit: prompt ``"copy 7"``, answer ``"7"``.
 
     Score: 1.0 if the first non-whitespace character of the response is the digit, else 0.0.
-    This is the task a randomly initialised tiny model learns with GRPO in a few minutes on CPU:
-    the reward depends on one sampled token only, and the answer sits at a fixed distance from
-    the end of the prompt, so one attention pattern solves every row.
+    This is the task a randomly initialised tiny model learns with GRPO on CPU: the reward
+    depends on one sampled token, and the digit sits at a fixed distance from the end of the
+    chat-rendered prompt, so one attention pattern solves every row. A random model scores about
+    0.01-0.03 (it rarely starts with the right one of ~100 characters); measured with plain GRPO
+    (group-mean baseline, 16 prompts x n=8, max_new_tokens=4, temperature 1, Adam lr 5e-4, the
+    ``archer.tiny`` default model) the mean reward rose from 0.02 over the first 30 steps to
+    0.58-0.89 over the last 30 of 300 steps; at lr 2e-3 the policy collapsed onto one digit
+    (reward ~0.1) and stayed there.
     """
 
     data_source = "digit_copy"

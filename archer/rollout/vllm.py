@@ -191,7 +191,7 @@ class VLLMEngine:
         if self.enable_sleep_mode and torch.cuda.is_available():
             llm.sleep(level=1)
             self.sleeping = True
-        return [[_to_completion(o) for o in sorted(out.outputs, key=lambda o: o.index)] for out in outputs]
+        return [[_to_completion(o) for o in sorted(out.outputs, key=lambda sample: sample.index)] for out in outputs]
 
     def _require_llm(self) -> Any:
         if self.llm is None:

@@ -52,7 +52,8 @@ def test_custom_field_names_become_canonical_keys_and_extra_fields_are_kept(tmp_
     record = {"question": [{"role": "user", "content": "hi"}], "solution": "x", "cases": ["assert 1"], "id": 7}
     path = write_lines(tmp_path / "code.jsonl", [json.dumps(record)])
     rows = read_rows(path, RowFields(prompt="question", answer="solution", tests="cases")).rows
-    assert rows == [{"prompt": record["question"], "answer": "x", "tests": ["assert 1"], "id": 7, "data_source": "code"}]
+    expected = {"prompt": record["question"], "answer": "x", "tests": ["assert 1"], "id": 7, "data_source": "code"}
+    assert rows == [expected]
 
 
 def test_parquet_rows_are_numbered_from_one(tmp_path):

@@ -86,7 +86,7 @@ def test_countdown_accepts_any_correct_expression_and_rejects_cheats():
     row = {"prompt": "use 2 3 5 make 13", "answer": "3*5-2", "numbers": [2, 3, 5], "target": 13}
     assert task("3*5-2", row) == 1.0  # 15 - 2 = 13
     assert task("5*3-2", row) == 1.0  # another order, same numbers
-    assert task("(5-2)*3+4", row) == 0.0  # 4 is not given (and 9 + 4 = 13 uses four numbers)
+    assert task("(5-2)*3+4", row) == 0.0  # = 13, but 4 is not given
     assert task("2+3+5", row) == 0.0  # 10, not 13
     assert task("13", row) == 0.0  # does not use the numbers
     assert task("3*5-2-0", row) == 0.0  # 0 is not given
@@ -102,7 +102,8 @@ def test_countdown_accepts_any_correct_expression_and_rejects_cheats():
 def test_countdown_rows_are_consistent():
     for row in CountdownTask(num_numbers=3, max_number=9).rows(50, seed=0):
         assert row["target"] == eval(row["answer"])  # the reference expression reaches the target
-        assert sorted(int(t) for t in row["answer"].replace("+", " ").replace("-", " ").replace("*", " ").split()) == row["numbers"]
+        operands = row["answer"].replace("+", " ").replace("-", " ").replace("*", " ").split()
+        assert sorted(map(int, operands)) == row["numbers"]
         assert row["prompt"] == f"use {' '.join(map(str, row['numbers']))} make {row['target']}"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 import socket
 
@@ -88,19 +89,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, correct: torch.Tensor, k: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+def _sync_run(rank: int, world_size: int, port: int, correct: torch.Tensor, k: int) -> tuple[float, float]:
+    """Update with this rank's share of the prompts, return the synced (pass@k, avg@n)."""
+    # A timeout so a rank whose partner died fails the test instead of hanging it.
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+        timeout=datetime.timedelta(seconds=90),
+    )
     try:
-        metric = PassAtK(k)
-        avg = AvgAtK(correct.shape[1])
-        # Unequal halves: a per-rank mean of means would differ from the global mean.
-        split = 3
-        mine = correct[:split] if rank == 0 else correct[split:]
+        metric, avg = PassAtK(k), AvgAtK(correct.shape[1])
+        # Unequal shares (3 vs 7 prompts): a mean of per-rank means would differ from the global mean.
+        mine = correct[:3] if rank == 0 else correct[3:]
         metric.update(mine)
         avg.update(mine)
-        torch.save((metric.compute().item(), avg.compute().item()), f"{out_dir}/rank{rank}.pt")
+        return metric.compute().item(), avg.compute().item()
     finally:
         dist.destroy_process_group()
+
+
+def _child(port: int, correct: torch.Tensor, k: int, out_file: str) -> None:
+    torch.save(_sync_run(1, 2, port, correct, k), out_file)
 
 
 @pytest.mark.distributed
@@ -112,12 +120,20 @@ def test_two_process_sync_equals_single_process(tmp_path) -> None:
     single, single_avg = PassAtK(k), AvgAtK(6)
     single.update(correct)
     single_avg.update(correct)
-
-    # Each worker imports torchmetrics (which imports transformers): ~10 s of this test.
-    mp.spawn(_worker, args=(2, _free_port(), correct, k, str(tmp_path)), nprocs=2, join=True)
-    for rank in (0, 1):
-        pass_value, avg_value = torch.load(tmp_path / f"rank{rank}.pt")
-        assert pass_value == pytest.approx(single.compute().item(), rel=1e-12)
-        assert avg_value == pytest.approx(single_avg.compute().item(), rel=1e-12)
-    # The split is unequal (3 vs 7 prompts), so the sync must weight by prompt count.
     assert single.compute().item() == pytest.approx(reference_pass_at_k(correct, k), rel=1e-12)
+
+    # Rank 0 runs here and only rank 1 is spawned: a spawned process re-imports torchmetrics (which
+    # imports transformers), most of this test's time on 2 cores.
+    port, out_file = _free_port(), tmp_path / "rank1.pt"
+    child = mp.get_context("spawn").Process(target=_child, args=(port, correct, k, str(out_file)))
+    child.start()
+    try:
+        results = {0: _sync_run(0, 2, port, correct, k)}
+    finally:
+        child.join(timeout=120)
+    assert child.exitcode == 0
+    results[1] = torch.load(out_file)
+    for rank in (0, 1):
+        pass_value, avg_value = results[rank]
+        assert pass_value == pytest.approx(single.compute().item(), rel=1e-12), rank
+        assert avg_value == pytest.approx(single_avg.compute().item(), rel=1e-12), rank

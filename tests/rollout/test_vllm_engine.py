@@ -59,11 +59,12 @@ def tied(tiny_tied_model_dir, llm_constructions):
 
 def _max_logprob_gap(actor, prompts, out, temperature: float) -> float:
     """max over prompts, samples and tokens of |engine log-prob − actor float64 log-prob|."""
-    return max(
-        (torch.tensor(c.logprobs, dtype=torch.float64) - actor_token_logprobs(actor, p, c.token_ids, temperature)).abs().max().item()
-        for p, group in zip(prompts, out)
-        for c in group
-    )
+    gaps = []
+    for prompt, group in zip(prompts, out):
+        for c in group:
+            reference = actor_token_logprobs(actor, prompt, c.token_ids, temperature)
+            gaps.append((torch.tensor(c.logprobs, dtype=torch.float64) - reference).abs().max().item())
+    return max(gaps)
 
 
 def _hf_greedy(actor) -> list[list[int]]:
@@ -84,7 +85,8 @@ def test_sampling_n_seed_stop_and_logprobs(untied):
     assert _max_logprob_gap(actor, PROMPTS, out, temperature=0.8) < 1e-3
     # A stop token ends the completion and is kept, as with EOS (same contract as HFEngine).
     first = out[0][0].token_ids
-    stopped = engine.generate(PROMPTS[:1], SamplingConfig(n=1, temperature=0.8, max_new_tokens=10, seed=7, stop_token_ids=[first[2]]))
+    stop_sampling = SamplingConfig(n=1, temperature=0.8, max_new_tokens=10, seed=7, stop_token_ids=[first[2]])
+    stopped = engine.generate(PROMPTS[:1], stop_sampling)
     c = stopped[0][0]
     assert c.token_ids == first[: first.index(first[2]) + 1]
     assert c.finish_reason == "stop"
@@ -158,6 +160,7 @@ def test_optimizer_step_then_callback_refresh_matches_actor(untied, llm_construc
     )
     batch = torch.tensor([[1, 70, 71, 72, 73, 74, 75, 2]])
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(batch))
+    actor.train()
     trainer.fit(_OneStepModule(actor, engine), train_dataloaders=loader)
     actor.eval()
     assert trainer.callback_metrics["time/weight_sync_s"] > 0
