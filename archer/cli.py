@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -74,6 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     if words and words[0] in TOOLS:
         _tool(words)
         return
+    # Both are by design here: the frozen reference stays in eval mode, and a checkpoint holds the
+    # weights after the step's update (resume continues from them, with the matching data state).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
     ArcherCLI(ArcherModule, PromptDataModule, save_config_kwargs={"overwrite": True}, args=argv)
 
 

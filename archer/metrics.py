@@ -67,76 +67,70 @@ def pass_at_k(num_samples: int, num_correct: Tensor, k: int) -> Tensor:
     return torch.where(num_samples - c < k, torch.ones((), dtype=torch.float64), 1.0 - ratio)
 
 
-def _check_correct(correct: Tensor, name: str) -> Tensor:
-    if correct.dim() != 2:
-        raise ValueError(f"{name}.update expects correct of shape [num_prompts, n], got shape {tuple(correct.shape)}")
-    if correct.dtype != torch.bool:
-        raise TypeError(f"{name}.update expects a bool tensor, got dtype {correct.dtype}")
-    return correct
+class _MeanOverPrompts(Metric):
+    """A per-prompt value averaged over prompts; states are (sum, count) so ranks sync exactly.
+
+    Subclasses give ``_per_prompt(correct) -> float64 [num_prompts]``.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, k: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if k < 1:
+            raise ValueError(f"{type(self).__name__} needs k >= 1, got k={k}")
+        self.k = k
+        self.add_state("value_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("num_prompts", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+
+    @property
+    def _name(self) -> str:
+        return f"{type(self).__name__}(k={self.k})"
+
+    def _per_prompt(self, correct: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def update(self, correct: Tensor) -> None:
+        if correct.dim() != 2:
+            raise ValueError(
+                f"{self._name}.update expects correct of shape [num_prompts, n], got shape {tuple(correct.shape)}"
+            )
+        if correct.dtype != torch.bool:
+            raise TypeError(f"{self._name}.update expects a bool tensor, got dtype {correct.dtype}")
+        self.value_sum += self._per_prompt(correct).sum().to(self.value_sum.device)
+        self.num_prompts += correct.shape[0]
+
+    def compute(self) -> Tensor:
+        if self.num_prompts == 0:
+            raise RuntimeError(f"{self._name}.compute() called before any update")
+        return self.value_sum / self.num_prompts
 
 
-class PassAtK(Metric):
+class PassAtK(_MeanOverPrompts):
     """Mean over prompts of the unbiased pass@k estimator (see the module docstring).
 
     ``update(correct)`` takes a bool tensor ``[num_prompts, n]`` (``n ≥ k`` samples per prompt);
     ``compute()`` returns a float64 scalar.
     """
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, k: int, **kwargs) -> None:
-        super().__init__(**kwargs)
-        if k < 1:
-            raise ValueError(f"PassAtK needs k >= 1, got k={k}")
-        self.k = k
-        self.add_state("value_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("num_prompts", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
-
-    def update(self, correct: Tensor) -> None:
-        correct = _check_correct(correct, f"PassAtK(k={self.k})")
+    def _per_prompt(self, correct: Tensor) -> Tensor:
         n = correct.shape[1]
         if n < self.k:
-            raise ValueError(f"PassAtK(k={self.k}) needs at least k samples per prompt, got n={n} (k={self.k})")
-        values = pass_at_k(n, correct.sum(dim=1), self.k)
-        self.value_sum += values.sum().to(self.value_sum.device)
-        self.num_prompts += correct.shape[0]
-
-    def compute(self) -> Tensor:
-        if self.num_prompts == 0:
-            raise RuntimeError(f"PassAtK(k={self.k}).compute() called before any update")
-        return self.value_sum / self.num_prompts
+            raise ValueError(f"{self._name} needs at least k samples per prompt, got n={n} (k={self.k})")
+        return pass_at_k(n, correct.sum(dim=1), self.k)
 
 
-class AvgAtK(Metric):
+class AvgAtK(_MeanOverPrompts):
     """Mean correctness over exactly ``k`` samples per prompt, averaged over prompts (avg@k).
 
     ``update(correct)`` takes a bool tensor ``[num_prompts, k]``; anything other than ``k``
     columns is an error, so a logged ``avg@64`` always means 64 samples.
     """
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, k: int, **kwargs) -> None:
-        super().__init__(**kwargs)
-        if k < 1:
-            raise ValueError(f"AvgAtK needs k >= 1, got k={k}")
-        self.k = k
-        self.add_state("value_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("num_prompts", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
-
-    def update(self, correct: Tensor) -> None:
-        correct = _check_correct(correct, f"AvgAtK(k={self.k})")
+    def _per_prompt(self, correct: Tensor) -> Tensor:
         n = correct.shape[1]
         if n != self.k:
-            raise ValueError(f"AvgAtK(k={self.k}) needs exactly k samples per prompt, got n={n} (k={self.k})")
-        self.value_sum += correct.to(torch.float64).mean(dim=1).sum().to(self.value_sum.device)
-        self.num_prompts += correct.shape[0]
-
-    def compute(self) -> Tensor:
-        if self.num_prompts == 0:
-            raise RuntimeError(f"AvgAtK(k={self.k}).compute() called before any update")
-        return self.value_sum / self.num_prompts
+            raise ValueError(f"{self._name} needs exactly k samples per prompt, got n={n} (k={self.k})")
+        return correct.to(torch.float64).mean(dim=1)

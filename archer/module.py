@@ -449,15 +449,17 @@ class ArcherModule(L.LightningModule):
                     grad_norm = grad_norm.full_tensor()
                 sums["grad_norm_sum"] += float(grad_norm)
                 sums["optimizer_steps"] += 1
-                if finite and torch.isfinite(grad_norm):
+                # One verdict for all ranks: a rank that stepped alone would leave the replicas apart.
+                finite = finite and bool(torch.isfinite(grad_norm))
+                if self._sum_across_ranks(float(finite)) == world:
                     optimizer.step()
+                    scheduler.step()  # the schedule counts optimizer steps taken, not attempted
                     self._nonfinite_in_a_row = 0
                 else:
                     optimizer.zero_grad(set_to_none=True)
                     self._nonfinite_in_a_row += 1
                     self._nonfinite_total += 1
                     self._check_nonfinite()
-                scheduler.step()
         steps = sums.pop("optimizer_steps")
         out = {k: v / count for k, v in sums.items() if k != "grad_norm_sum"}
         out["grad_norm"] = sums["grad_norm_sum"] / steps

@@ -12,7 +12,7 @@ import string
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 PAD_TOKEN = "<|endoftext|>"
@@ -30,12 +30,32 @@ CHAT_TEMPLATE = (
 )
 
 
+def _byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable-unicode map, which byte-level BPE vocabularies are written in.
+
+    Printable bytes map to themselves; the others (space, newline, ...) to code points from U+0100
+    on, so a space is stored as "Ġ" and a newline as "Ċ", exactly as in Qwen's vocabulary.
+    """
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    shifted = [b for b in range(256) if b not in keep]
+    mapping = {b: chr(b) for b in keep}
+    mapping.update({b: chr(256 + i) for i, b in enumerate(shifted)})
+    return mapping
+
+
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level fast tokenizer with Qwen-style chat markers and a chat template."""
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARACTERS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD_TOKEN))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    """A character-level fast tokenizer with Qwen-style chat markers and a chat template.
+
+    It is a byte-level BPE with no merges, the format of Qwen's own tokenizer: ``AutoTokenizer``
+    may load the folder as ``Qwen2Tokenizer`` (the model is a Qwen2), which rebuilds the pipeline
+    from the vocabulary as byte-level BPE, so any other format would lose spaces and newlines.
+    """
+    alphabet = _byte_level_alphabet()
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    vocab.update({alphabet[ord(c)]: len(SPECIAL_TOKENS) + i for i, c in enumerate(CHARACTERS)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=PAD_TOKEN))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token=PAD_TOKEN,

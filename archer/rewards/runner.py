@@ -40,7 +40,14 @@ class RewardResult:
     """The first few error messages, for logs."""
 
 
-def _worker_loop(reward: Reward, connection: multiprocessing.connection.Connection) -> None:
+def _worker_loop(
+    reward: Reward,
+    connection: multiprocessing.connection.Connection,
+    parent_end: multiprocessing.connection.Connection,
+) -> None:
+    # A forked worker inherits the parent's end of its own pipe; holding it open would keep
+    # `recv` from ever seeing EOF, so a worker would outlive a SIGKILLed trainer.
+    parent_end.close()
     while True:
         try:
             response, row = connection.recv()
@@ -55,7 +62,7 @@ def _worker_loop(reward: Reward, connection: multiprocessing.connection.Connecti
 class _Worker:
     def __init__(self, context: multiprocessing.context.BaseContext, reward: Reward) -> None:
         self.connection, child_end = context.Pipe()
-        self.process = context.Process(target=_worker_loop, args=(reward, child_end), daemon=True)
+        self.process = context.Process(target=_worker_loop, args=(reward, child_end, self.connection), daemon=True)
         self.process.start()
         child_end.close()
         self.item: int | None = None

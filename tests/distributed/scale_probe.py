@@ -27,6 +27,10 @@ from archer.rollout import HFEngine
 from archer.rollout.base import Completion, SamplingConfig
 
 
+RANK_SEED_STRIDE = 10_007
+"""The rank's coefficient in ``ArcherModule._seed``."""
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -38,8 +42,9 @@ class RecordingHFEngine(HFEngine):
     Args:
         record_dir: Folder of the per-rank JSON-lines records.
         seed_by_prompt: Sample each prompt's group with a seed computed from the prompt's tokens and
-            the call number (instead of the module's per-rank seed), so a prompt gets the same
-            samples whichever rank rolls it out and a 1-process run can be compared with N processes.
+            the module's seed for this step with its rank term removed, so a prompt gets the same
+            samples whichever rank rolls it out (a 1-process run can be compared with N processes)
+            and a resumed run still samples what the uninterrupted one did.
     """
 
     def __init__(self, record_dir: str, seed_by_prompt: bool = False) -> None:
@@ -52,7 +57,9 @@ class RecordingHFEngine(HFEngine):
         if self.seed_by_prompt:
             groups = []
             for prompt in prompt_token_ids:
-                seed = (zlib.crc32(str(prompt).encode()) + 7919 * self.calls) % 2**31
+                # ArcherModule._seed adds RANK_SEED_STRIDE * rank to the (base seed, step, draw) part.
+                step_seed = sampling.seed - RANK_SEED_STRIDE * _rank()
+                seed = (zlib.crc32(str(prompt).encode()) + step_seed) % 2**31
                 groups += super().generate([prompt], replace(sampling, seed=seed))
         else:
             groups = super().generate(prompt_token_ids, sampling)
