@@ -485,8 +485,16 @@ class ArcherModule(L.LightningModule):
         entropy = getattr(self, "_first_entropy", None)
         if entropy is None or self.token_view_samples <= 0:
             return
+        # Spread the picks over prompts: the first response of each group, then the second, ...
+        rows = self._first_entropy_rows.tolist()
+        seen: dict[int, int] = defaultdict(int)
+        order = []
+        for j, row in enumerate(rows):
+            order.append((seen[row // self.sampling.n], j))
+            seen[row // self.sampling.n] += 1
         samples = []
-        for j, row in enumerate(self._first_entropy_rows.tolist()[: self.token_view_samples]):
+        for _, j in sorted(order)[: self.token_view_samples]:
+            row = rows[j]
             length = int(rollout.response_mask[row].sum().item())
             ids = rollout.response_ids[row, :length].tolist()
             prompt_ids = rollout.input_ids[row, : rollout.prompt_len][rollout.attention_mask[row, : rollout.prompt_len] > 0]

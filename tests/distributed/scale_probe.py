@@ -122,8 +122,8 @@ class SigkillWhileSaving(L.Callback):
 
     ``on_save_checkpoint`` runs while the checkpoint dict is built, before any byte is written. It
     pads the checkpoint with ``padding_mb`` MiB (so writing takes a while) and starts a thread that
-    watches ``watch_dir`` (the process's ``TMPDIR``, where fsspec stages the file) and kills the
-    process the moment a staged file appears, i.e. in the middle of the write.
+    watches ``watch_dir`` (the checkpoint folder, where ``AtomicCheckpointIO`` stages the file) and
+    kills the process the moment a staged file appears, i.e. in the middle of the write.
     """
 
     def __init__(self, step: int, watch_dir: str, padding_mb: int = 256) -> None:

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -87,9 +88,10 @@ def _subprocess(run_dir: Path, args: list[str], *, env: dict | None = None, time
     """``python -m archer.cli ARGS`` in ``run_dir`` with this folder importable (for ``scale_probe``);
     returns the exit status and the output's tail.
 
-    The child runs in its own process group, which is killed afterwards: a SIGKILLed trainer
-    leaves its reward workers behind (they inherit the parent's pipe end, so they never see EOF).
-    Output goes to a file, not a pipe, so those orphans cannot keep this call waiting.
+    The child runs in its own process group. After it ends, every process of the group (its reward
+    workers) must be gone within a few seconds, a SIGKILLed trainer included: workers read EOF on
+    their pipe when the trainer dies. Output goes to a file, not a pipe, so a lingering process
+    could not keep this call waiting.
     """
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join([str(HERE), full_env.get("PYTHONPATH", "")])
@@ -100,12 +102,24 @@ def _subprocess(run_dir: Path, args: list[str], *, env: dict | None = None, time
                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             returncode = process.wait(timeout=timeout)
+            deadline = time.monotonic() + 10
+            while _group_alive(process.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not _group_alive(process.pid), "processes of the trainer outlived it (orphaned reward workers?)"
         finally:
             try:
                 os.killpg(process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
     return returncode, log.read_text()[-6000:]
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _in_process(run_dir: Path, args: list[str], monkeypatch) -> None:
@@ -276,19 +290,20 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint_whole(one_process, 
     """SIGKILL in the middle of writing step 4's checkpoint: ``last.ckpt`` is still step 2's, loads
     and holds exactly the uninterrupted run's step-2 weights; no partial step-4 file exists.
 
-    Lightning stages the bytes in a temp file (fsspec transaction, in ``TMPDIR``) and moves it into
-    place: atomic when ``TMPDIR`` is on the checkpoint's file system, as here (docs/scaling.md has
-    the cross-file-system case).
+    ``AtomicCheckpointIO`` (the quickstart's checkpoint plugin) stages the bytes in a hidden temp
+    file next to the target and renames it into place once they are all on disk.
     """
-    stage = tmp_path / "stage"
-    stage.mkdir()
-    kill = {"class_path": "scale_probe.SigkillWhileSaving", "init_args": {"step": STEPS, "watch_dir": str(stage)}}
+    checkpoints = tmp_path / RUN / "checkpoints"
+    kill = {"class_path": "scale_probe.SigkillWhileSaving", "init_args": {"step": STEPS, "watch_dir": str(checkpoints)}}
     override = _override_file(tmp_path, max_steps=STEPS, every=EVERY, callbacks=[kill],
                               model=_recording_engine(tmp_path / "records"))
-    result = _subprocess(tmp_path, _args(tiny_model_dir, override), env={"TMPDIR": str(stage)})
+    result = _subprocess(tmp_path, _args(tiny_model_dir, override))
     assert result[0] == -signal.SIGKILL, f"not killed: {result[0]}\n{result[1]}"
-    checkpoints = tmp_path / RUN / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == [f"epoch=0-step={EVERY}.ckpt", "last.ckpt"]
+    # Only the killed write's hidden temp file is left beside the two complete checkpoints.
+    names = sorted(p.name for p in checkpoints.iterdir())
+    staged = [n for n in names if n.startswith(".") and n.endswith(".tmp")]
+    assert len(staged) == 1, names
+    assert sorted(set(names) - set(staged)) == [f"epoch=0-step={EVERY}.ckpt", "last.ckpt"]
     state = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == EVERY
     straight = _actor(one_process / RUN / "checkpoints" / f"epoch=0-step={EVERY}.ckpt")
