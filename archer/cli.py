@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     # weights after the step's update (resume continues from them, with the matching data state).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
+    # Lightning's own use of a deprecated torch API; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     ArcherCLI(ArcherModule, PromptDataModule, save_config_kwargs={"overwrite": True}, args=argv)
 
 

@@ -1,4 +1,5 @@
-"""Time one RL step of the quickstart by phase: rollout, log-probs (old + reference), update.
+"""Time one RL step of the quickstart by phase: rollout, log-probs (old + reference), update
+(and, with vLLM, the weight sync).
 
     python benchmarks/bench_step.py [--steps 12] [--rollout hf|vllm]
 
@@ -46,8 +47,10 @@ def main() -> None:
             os.chdir(cwd)
         df = pd.read_csv(sorted(Path(tmp).glob("runs/quickstart*/csv/version_*/metrics.csv"))[-1])
     df = df.dropna(subset=["time/rollout_s"]).iloc[2:]
-    medians = {phase: statistics.median(df[phase]) for phase in PHASES}
-    step_s = medians["time/rollout_s"] + medians["time/logprob_s"] + medians["time/update_s"]
+    # vLLM runs also push the weights into the engine after each step (WeightSyncCallback).
+    timed = PHASES[:3] + (["time/weight_sync_s"] if "time/weight_sync_s" in df else [])
+    medians = {phase: statistics.median(df[phase]) for phase in timed + PHASES[3:]}
+    step_s = sum(medians[phase] for phase in timed)
 
     lines = [
         f"\n## One RL step of the quickstart by phase, {args.rollout} rollouts "
@@ -60,7 +63,7 @@ def main() -> None:
         "| phase | median s | share |",
         "|---|---:|---:|",
     ]
-    for phase in PHASES[:3]:
+    for phase in timed:
         lines.append(f"| {phase.removeprefix('time/').removesuffix('_s')} | {medians[phase]:.3f} | "
                      f"{medians[phase] / step_s:.0%} |")
     lines.append(f"| **step** | **{step_s:.3f}** | |")

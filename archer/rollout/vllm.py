@@ -23,6 +23,7 @@ engine restores the previous ``torch.get_num_threads()`` right after, so trainin
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -46,6 +47,21 @@ def _import_vllm() -> Any:
     except ImportError as err:
         raise ImportError(f"VLLMEngine needs vLLM, which is not installed: {INSTALL_HINT}") from err
     return vllm
+
+
+class _SkipRotaryReloadWarning(logging.Filter):
+    """vLLM warns on every in-place reload that ``RotaryEmbedding`` got no weights: its cos/sin
+    cache is computed, not stored in HF checkpoints, and vLLM keeps it. Other layers still warn."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("RotaryEmbedding: Failed to load weights")
+
+
+def _quiet_per_step_logs() -> None:
+    """Keep vLLM's per-reload INFO lines (reload time, prefix-cache reset) out of the progress bar."""
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_SkipRotaryReloadWarning())
+    for name in ("vllm.model_executor.model_loader.reload.inplace", "vllm.v1.core.block_pool"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def named_full_tensors(actor: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -144,6 +160,7 @@ class VLLMEngine:
         threads = torch.get_num_threads()
         self.llm = vllm.LLM(**kwargs)
         torch.set_num_threads(threads)  # vLLM's CPU worker drops this process to 1 thread
+        _quiet_per_step_logs()
         self.load_weights(named_full_tensors(actor))
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
