@@ -14,6 +14,7 @@ FSDP2's sharded folders are written by ``torch.distributed.checkpoint`` and do n
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -42,6 +43,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(staged)
             raise
+        # A process killed mid-write leaves its temp file behind; the next save of the name clears it.
+        for leftover in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
         folder = os.open(target.parent, os.O_RDONLY)
         try:
             os.fsync(folder)

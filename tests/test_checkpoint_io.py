@@ -25,3 +25,11 @@ def test_failed_save_keeps_the_previous_checkpoint_whole(tmp_path):
     loaded = io.load_checkpoint(target)
     assert loaded["step"] == 1 and torch.equal(loaded["w"], torch.ones(1000))
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_next_save_removes_temp_files_left_by_a_killed_write(tmp_path):
+    io = AtomicCheckpointIO()
+    (tmp_path / ".last.ckpt.k1ll3d.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / ".other.ckpt.k1ll3d.tmp").write_bytes(b"another file's, kept")
+    io.save_checkpoint({"step": 2}, tmp_path / "last.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.ckpt.k1ll3d.tmp", "last.ckpt"]
