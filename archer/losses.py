@@ -1,23 +1,36 @@
 """Configurable policy losses the YAML selects by ``class_path`` (thin wrappers, no formulas here).
 
 Each class stores its hyper-parameters and calls one pure function of
-:mod:`archer.algorithms.policy_loss`. The trainer calls every loss the same way::
+:mod:`archer.algorithms.policy_loss`. The trainer calls every loss the same way, once per
+micro-batch::
 
-    loss, stats = policy_loss(logprob, old_logprob, ref_logprob, advantages, entropy, response_mask, norm_len=...)
+    context = policy_loss.minibatch_context(response_mask, entropy, collectives)   # once per mini-batch
+    loss, stats = policy_loss(logprob, old_logprob, ref_logprob, advantages, entropy, response_mask,
+                              norm_len=..., context=context)
 
-and reads ``loss_agg`` (to scale micro-batches by :func:`~archer.algorithms.agg_units`),
-``needs_reference`` (whether reference log-probs must be computed) and ``rho``.
+``context`` holds what a micro-batch cannot know alone: the unit counts of the whole mini-batch on
+all ranks (so that the micro-batch losses add up to the mini-batch loss exactly, whatever the
+micro-batch size or the number of ranks) and, for some losses, quantities such as a batch-level
+entropy threshold. When ``needs_minibatch_entropy`` is true, the trainer first runs a no-grad
+forward over the mini-batch with the current weights and passes those entropies, both to
+``minibatch_context`` and, sliced, to each micro-batch call, so the token types the context counted
+are the ones the loss uses. The trainer also reads ``needs_reference`` (whether reference log-probs
+must be computed) and ``rho``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
+import torch
 from torch import Tensor
 
-from archer.algorithms.aggregation import AggregationMode
+from archer.algorithms.aggregation import AggregationMode, agg_units
 from archer.algorithms.kl import KLEstimator
 from archer.algorithms.policy_loss import clipped_policy_loss, dual_token_loss, high_entropy_mask_loss
+from archer.algorithms.stats import Ratio
+from archer.algorithms.token_typing import classify_tokens, entropy_threshold
+from archer.distributed import Collectives
 
 __all__ = ["PolicyLoss", "ArcherLoss", "GRPOLoss", "DAPOLoss", "HighEntropyMaskLoss"]
 
@@ -39,6 +52,20 @@ class PolicyLoss:
         """True iff some KL coefficient is > 0, so reference log-probs must be computed."""
         return False
 
+    @property
+    def needs_minibatch_entropy(self) -> bool:
+        """True iff :meth:`minibatch_context` needs the current policy's entropies of the whole mini-batch."""
+        return False
+
+    def minibatch_context(self, response_mask: Tensor, entropy: Tensor | None, collectives: Collectives) -> dict[str, Any]:
+        """Keyword arguments for every micro-batch call of one mini-batch (module docstring).
+
+        ``response_mask`` ``[N, T]`` and ``entropy`` (``[N, T]`` when :attr:`needs_minibatch_entropy`,
+        else None) cover this rank's rows of the mini-batch. The default: ``units``, the count of
+        ``loss_agg`` units over the mini-batch on all ranks.
+        """
+        return {"units": collectives.sum(agg_units(response_mask, self.loss_agg))}
+
     def __call__(
         self,
         logprob: Tensor,
@@ -49,7 +76,8 @@ class PolicyLoss:
         response_mask: Tensor,
         *,
         norm_len: int | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
+        context: dict[str, Any] | None = None,
+    ) -> tuple[Tensor, dict[str, Ratio]]:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -110,6 +138,26 @@ class ArcherLoss(PolicyLoss):
     def needs_reference(self) -> bool:
         return self.knowledge_kl > 0 or self.reasoning_kl > 0
 
+    @property
+    def needs_minibatch_entropy(self) -> bool:
+        # Each type's KL divides by that type's units over the mini-batch. In the seq-* modes every
+        # non-empty response has a knowledge token (its lowest-entropy one), so the knowledge units
+        # are the valid ones; knowledge token counts (token-mean) and the count of responses with a
+        # reasoning token depend on the entropies.
+        return (self.knowledge_kl > 0 and self.loss_agg == "token-mean") or self.reasoning_kl > 0
+
+    def minibatch_context(self, response_mask: Tensor, entropy: Tensor | None, collectives: Collectives) -> dict[str, Any]:
+        units = collectives.sum(agg_units(response_mask, self.loss_agg))
+        if entropy is None:
+            return {"units": units, "knowledge_units": units}
+        reasoning = classify_tokens(entropy, response_mask, self.rho)
+        knowledge = response_mask.bool() & ~reasoning
+        return {
+            "units": units,
+            "knowledge_units": collectives.sum(agg_units(knowledge, self.loss_agg)),
+            "reasoning_units": collectives.sum(agg_units(reasoning, self.loss_agg)),
+        }
+
     def __call__(
         self,
         logprob: Tensor,
@@ -120,12 +168,13 @@ class ArcherLoss(PolicyLoss):
         response_mask: Tensor,
         *,
         norm_len: int | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
+        context: dict[str, Any] | None = None,
+    ) -> tuple[Tensor, dict[str, Ratio]]:
         return dual_token_loss(
             logprob, old_logprob, ref_logprob, advantages, entropy, response_mask,
             rho=self.rho, knowledge_clip=self.knowledge_clip, reasoning_clip=self.reasoning_clip,
             knowledge_kl=self.knowledge_kl, reasoning_kl=self.reasoning_kl, dual_clip=self.dual_clip,
-            kl_estimator=self.kl_estimator, loss_agg=self.loss_agg, norm_len=norm_len,
+            kl_estimator=self.kl_estimator, loss_agg=self.loss_agg, norm_len=norm_len, **(context or {}),
         )
 
 
@@ -161,11 +210,13 @@ class _ClippedLoss(PolicyLoss):
         response_mask: Tensor,
         *,
         norm_len: int | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
+        context: dict[str, Any] | None = None,
+    ) -> tuple[Tensor, dict[str, Ratio]]:
         return clipped_policy_loss(
             logprob, old_logprob, advantages, response_mask,
             clip=self.clip, dual_clip=self.dual_clip, loss_agg=self.loss_agg, ref_logprob=ref_logprob,
             kl_coef=self.kl_coef, kl_estimator=self.kl_estimator, norm_len=norm_len, entropy=entropy, rho=self.rho,
+            **(context or {}),
         )
 
 
@@ -245,7 +296,10 @@ class HighEntropyMaskLoss(PolicyLoss):
 
     1. No value function: group-normalised advantages.
     2. Policy gradient only through tokens whose entropy is above the ρ = 0.8 quantile (the top
-       20%), threshold over the whole batch (the paper; ``level="response"`` per response).
+       20%), threshold over the whole mini-batch on all ranks (the paper's batch level;
+       ``level="response"`` per response). The entropies are the current policy's, from a no-grad
+       forward over the mini-batch before its micro-batches (so micro-batch size and world size do
+       not change which tokens are kept; it costs one extra forward per mini-batch).
     3. The PG aggregate runs over those kept tokens only.
     4. DAPO's clip-higher (0.2, 0.28), token-mean, no KL, dual clip c = 10.
     """
@@ -271,6 +325,20 @@ class HighEntropyMaskLoss(PolicyLoss):
         self.clip = tuple(clip)
         self.dual_clip = dual_clip
 
+    @property
+    def needs_minibatch_entropy(self) -> bool:
+        return True  # which tokens are kept (and so the units they count) depends on the entropies
+
+    def minibatch_context(self, response_mask: Tensor, entropy: Tensor | None, collectives: Collectives) -> dict[str, Any]:
+        mask = response_mask.bool()
+        if self.level == "response":
+            kept = classify_tokens(entropy, mask, self.rho)
+            return {"units": collectives.sum(agg_units(kept, self.loss_agg))}
+        pooled = collectives.cat(entropy.detach().double()[mask]).unsqueeze(0)  # every rank's valid tokens
+        threshold = entropy_threshold(pooled, torch.ones_like(pooled, dtype=torch.bool), self.rho, level="batch")
+        kept = (entropy.detach().double() > threshold) & mask
+        return {"threshold": threshold, "units": collectives.sum(agg_units(kept, self.loss_agg))}
+
     def __call__(
         self,
         logprob: Tensor,
@@ -281,9 +349,10 @@ class HighEntropyMaskLoss(PolicyLoss):
         response_mask: Tensor,
         *,
         norm_len: int | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
+        context: dict[str, Any] | None = None,
+    ) -> tuple[Tensor, dict[str, Ratio]]:
         return high_entropy_mask_loss(
             logprob, old_logprob, advantages, entropy, response_mask,
             rho=self.rho, level=self.level, clip=self.clip, dual_clip=self.dual_clip,
-            loss_agg=self.loss_agg, norm_len=norm_len,
+            loss_agg=self.loss_agg, norm_len=norm_len, **(context or {}),
         )

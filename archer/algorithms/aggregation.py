@@ -12,10 +12,11 @@ An empty mask gives 0 (not NaN). Responses with no valid token are left out of t
 (so a fully padded row, e.g. one added to balance ranks, dilutes nothing).
 
 Gradient accumulation and data parallelism: every mode is a sum over units divided by the number
-of units ``U`` (tokens for token-mean, responses in S for seq-*), and :func:`agg_units` returns U.
-Scaling each micro-batch's local aggregate by ``U_local / U_global`` (U_global over the whole
-mini-batch on all ranks; multiply by the world size when the DP all-reduce averages gradients)
-and summing gives the mini-batch aggregate exactly, for every mode.
+of units ``U`` (tokens for token-mean, responses in S for seq-*): :func:`agg_parts` returns both,
+:func:`agg_units` returns U. Dividing each micro-batch's sum by ``U_global`` (the count over the
+whole mini-batch on all ranks: ``agg_loss(..., units=U_global)``) and adding the parts gives the
+mini-batch aggregate exactly, for every mode (multiply by the world size when the data-parallel
+all-reduce averages gradients over ranks).
 
 Note: seq-mean-token-sum-norm here averages over responses, as Dr.GRPO's formula
 (1/G Σ_i 1/MAX_LEN Σ_t); verl's implementation of it sums over responses instead (a constant
@@ -29,7 +30,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["AggregationMode", "AGGREGATION_MODES", "agg_loss", "agg_units"]
+__all__ = ["AggregationMode", "AGGREGATION_MODES", "agg_loss", "agg_parts", "agg_units"]
 
 AggregationMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 AGGREGATION_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -42,27 +43,29 @@ def _check(values: Tensor, mask: Tensor, mode: str) -> None:
         raise ValueError(f"values {tuple(values.shape)} and mask {tuple(mask.shape)} must both be [B, T]")
 
 
-def agg_units(mask: Tensor, mode: AggregationMode) -> int:
-    """Number of units the mode averages over: valid tokens (token-mean) or responses with ≥1 valid token (seq-*)."""
+def agg_units(mask: Tensor, mode: AggregationMode) -> Tensor:
+    """Number of units the mode averages over (0-d int64 tensor, no host sync): valid tokens (token-mean)
+    or responses with ≥1 valid token (seq-*)."""
     _check(mask, mask, mode)
     mask = mask.bool()
     if mode == "token-mean":
-        return int(mask.sum())
-    return int(mask.any(dim=-1).sum())
+        return mask.sum()
+    return mask.any(dim=-1).sum()
 
 
-def agg_loss(values: Tensor, mask: Tensor, mode: AggregationMode, *, norm_len: int | None = None) -> Tensor:
-    """Scalar aggregate of ``values [B, T]`` over ``mask [B, T]`` (bool or 0/1); formulas in the module docstring.
+def agg_parts(values: Tensor, mask: Tensor, mode: AggregationMode, *, norm_len: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(numerator, units)`` of the mode: the aggregate is ``numerator / units`` (formulas in the module docstring).
 
-    Masked positions are selected out with ``torch.where`` (not multiplied), so NaN/inf at padding
-    cannot leak into the result or its gradient. ``norm_len`` is used by seq-mean-token-sum-norm only.
+    numerator = Σ_t L m (token-mean), Σ_{i∈S} s_i / n_i, Σ_{i∈S} s_i or Σ_{i∈S} s_i / norm_len (seq-*);
+    units = :func:`agg_units`. Both are sums over tokens or responses, so the parts of a batch split
+    into micro-batches and ranks add up to the whole batch's numerator and units.
     """
     _check(values, mask, mode)
     mask = mask.bool()
     masked = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
     token_sums = masked.sum(dim=-1)  # s_i, [B]
     if mode == "token-mean":
-        return token_sums.sum() / mask.sum().clamp_min(1)
+        return token_sums.sum(), mask.sum()
     tokens_per_seq = mask.sum(dim=-1)  # n_i, [B]
     if mode == "seq-mean-token-sum":
         per_seq = token_sums
@@ -73,5 +76,21 @@ def agg_loss(values: Tensor, mask: Tensor, mode: AggregationMode, *, norm_len: i
         if length <= 0:
             raise ValueError(f"norm_len must be > 0, got {norm_len}")
         per_seq = token_sums / length
-    # Rows with no valid token have per_seq = 0 and are excluded from the count.
-    return per_seq.sum() / (tokens_per_seq > 0).sum().clamp_min(1)
+    # Rows with no valid token have per_seq = 0 and are not counted.
+    return per_seq.sum(), (tokens_per_seq > 0).sum()
+
+
+def agg_loss(
+    values: Tensor, mask: Tensor, mode: AggregationMode, *, norm_len: int | None = None, units: Tensor | float | None = None
+) -> Tensor:
+    """Scalar aggregate of ``values [B, T]`` over ``mask [B, T]`` (bool or 0/1); formulas in the module docstring.
+
+    Masked positions are selected out with ``torch.where`` (not multiplied), so NaN/inf at padding
+    cannot leak into the result or its gradient. ``norm_len`` is used by seq-mean-token-sum-norm only.
+    ``units``: divide by this count instead of the local one — pass the unit count of the whole
+    mini-batch (all micro-batches, all ranks) and the results of its parts add up to the whole
+    batch's aggregate. A count of 0 (nothing valid anywhere) gives 0, not NaN.
+    """
+    numerator, local_units = agg_parts(values, mask, mode, norm_len=norm_len)
+    denominator = local_units if units is None else torch.as_tensor(units, device=numerator.device)
+    return numerator / denominator.clamp_min(1).to(numerator.dtype)

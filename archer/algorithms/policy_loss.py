@@ -22,7 +22,12 @@ KL term is normalised. Per valid token t (mask m_t = 1), with A_t the advantage:
 
 Shapes: logprob, old_logprob, ref_logprob, entropy, response_mask ``[B, T]``; advantages ``[B]``
 or ``[B, T]``. ``entropy`` is used for typing only and is detached. Every loss returns
-``(loss, stats)`` with the same :data:`STAT_KEYS` (python floats).
+``(loss, stats)`` with the same :data:`STAT_KEYS`, each a :class:`~archer.algorithms.stats.Ratio`.
+
+Micro-batches and ranks. Each aggregate divides by a unit count (:mod:`.aggregation`). By default
+that is the count in the tensors given; the ``*units`` arguments replace it with the count over
+the whole mini-batch on all ranks, so that the losses of its micro-batches add up to the loss of
+the mini-batch exactly (the trainer computes them; see ``PolicyLoss.minibatch_context``).
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from archer.algorithms.aggregation import AggregationMode, agg_loss
+from archer.algorithms.aggregation import AggregationMode, agg_loss, agg_parts
 from archer.algorithms.kl import KLEstimator, kl_penalty
+from archer.algorithms.stats import Ratio, masked_ratio
 from archer.algorithms.token_typing import classify_tokens, entropy_threshold
 
 __all__ = ["STAT_KEYS", "Surrogate", "clipped_surrogate", "clipped_policy_loss", "dual_token_loss", "high_entropy_mask_loss"]
@@ -44,6 +50,9 @@ STAT_KEYS: tuple[str, ...] = (
     "reasoning_fraction", "entropy_reasoning", "entropy_knowledge", "entropy", "ratio_mean", "approx_kl",
 )
 """Keys of the stats dict every policy loss returns (see :func:`_diagnostics` for their meaning)."""
+
+Units = Tensor | float | None
+"""A unit count to divide an aggregate by (None: the count in the tensors given)."""
 
 
 @dataclass
@@ -114,15 +123,8 @@ def clipped_surrogate(
     return Surrogate(pg=pg, clipped=clipped)
 
 
-def _masked_mean(values: Tensor, mask: Tensor) -> float:
-    """Token mean of ``values`` over ``mask`` as a float; NaN when the mask is empty (nothing to report)."""
-    count = int(mask.sum())
-    return float(torch.where(mask, values.detach().double(), 0.0).sum() / count) if count else float("nan")
-
-
 def _diagnostics(
     surrogate: Surrogate,
-    pg_loss: Tensor,
     pg_tokens: Tensor,
     reasoning: Tensor | None,
     entropy: Tensor | None,
@@ -132,15 +134,15 @@ def _diagnostics(
     norm_len: int | None,
     logprob: Tensor,
     old_logprob: Tensor,
-) -> dict[str, float]:
-    """The :data:`STAT_KEYS` stats, python floats.
+) -> dict[str, Ratio]:
+    """The :data:`STAT_KEYS` stats as :class:`Ratio` (numerator, denominator) pairs.
 
-    clipfrac*: fraction of PG tokens (of that type) whose surrogate took a clipped branch.
-    kl*: the KL estimator aggregated with ``loss_agg`` over all valid / reasoning / knowledge tokens
-    (0.0 when no reference log-probs were given). entropy*: token means (NaN without entropies).
-    reasoning_fraction: reasoning tokens / valid tokens. ratio_mean: token mean of r_t.
-    approx_kl: token mean of k3 between π_old and π, (r − 1) − log r ≥ 0.
-    Per-type stats with no token of that type are NaN.
+    pg_loss: the PG aggregate over the PG tokens (``loss_agg``). clipfrac*: fraction of PG tokens
+    (of that type) whose surrogate took a clipped branch. kl*: the KL estimator aggregated with
+    ``loss_agg`` over all valid / reasoning / knowledge tokens (0 / 0 without reference log-probs).
+    entropy*: token means (0 / 0 without entropies). reasoning_fraction: reasoning tokens / valid
+    tokens. ratio_mean: token mean of r_t. approx_kl: token mean of k3 between π_old and π,
+    (r − 1) − log r ≥ 0. A stat with nothing to measure (no token of that type) is 0 / 0.
     """
     mask = response_mask.bool()
     with torch.no_grad():
@@ -148,30 +150,29 @@ def _diagnostics(
             reasoning = torch.zeros_like(mask)
         knowledge = mask & ~reasoning
         log_ratio = torch.where(mask, logprob - old_logprob, 0.0).clamp(-20.0, 20.0).double()
+        nothing = Ratio.of(0.0, 0.0)
 
-        def kl_over(tokens: Tensor) -> float:
-            if kl_per_token is None:
-                return 0.0
-            return float(agg_loss(kl_per_token.detach(), tokens, loss_agg, norm_len=norm_len))
+        def agg_over(values: Tensor | None, tokens: Tensor) -> Ratio:
+            return nothing if values is None else Ratio.of(*agg_parts(values.detach(), tokens, loss_agg, norm_len=norm_len))
 
-        def entropy_over(tokens: Tensor) -> float:
-            return float("nan") if entropy is None else _masked_mean(entropy, tokens)
+        def entropy_over(tokens: Tensor) -> Ratio:
+            return nothing if entropy is None else masked_ratio(entropy, tokens)
 
-        clipped = surrogate.clipped.double()
+        clipped = surrogate.clipped
         return {
-            "pg_loss": float(pg_loss.detach()),
-            "kl": kl_over(mask),
-            "clipfrac": _masked_mean(clipped, pg_tokens),
-            "clipfrac_reasoning": _masked_mean(clipped, pg_tokens & reasoning),
-            "clipfrac_knowledge": _masked_mean(clipped, pg_tokens & knowledge),
-            "kl_reasoning": kl_over(reasoning),
-            "kl_knowledge": kl_over(knowledge),
-            "reasoning_fraction": _masked_mean(reasoning.double(), mask),
+            "pg_loss": agg_over(surrogate.pg, pg_tokens),
+            "kl": agg_over(kl_per_token, mask),
+            "clipfrac": masked_ratio(clipped, pg_tokens),
+            "clipfrac_reasoning": masked_ratio(clipped, pg_tokens & reasoning),
+            "clipfrac_knowledge": masked_ratio(clipped, pg_tokens & knowledge),
+            "kl_reasoning": agg_over(kl_per_token, reasoning),
+            "kl_knowledge": agg_over(kl_per_token, knowledge),
+            "reasoning_fraction": masked_ratio(reasoning, mask),
             "entropy_reasoning": entropy_over(reasoning),
             "entropy_knowledge": entropy_over(knowledge),
             "entropy": entropy_over(mask),
-            "ratio_mean": _masked_mean(torch.exp(log_ratio), mask),
-            "approx_kl": _masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            "ratio_mean": masked_ratio(torch.exp(log_ratio), mask),
+            "approx_kl": masked_ratio(torch.expm1(log_ratio) - log_ratio, mask),
         }
 
 
@@ -199,11 +200,13 @@ def clipped_policy_loss(
     norm_len: int | None = None,
     entropy: Tensor | None = None,
     rho: float = 0.8,
-) -> tuple[Tensor, dict[str, float]]:
+    units: Units = None,
+) -> tuple[Tensor, dict[str, Ratio]]:
     """Vanilla PPO/GRPO/DAPO: ``agg(pg_t) + kl_coef · agg(KL_t)`` with one clip band for every token.
 
     ``clip = (ε⁻, ε⁺)``; ``dual_clip = c`` (None disables); ``kl_coef`` = β (needs ``ref_logprob``);
-    ``entropy`` (optional) only types tokens at ``rho`` for the per-type diagnostics.
+    ``entropy`` (optional) only types tokens at ``rho`` for the per-type diagnostics; ``units``
+    divides both aggregates (module docstring).
     """
     _check_shapes(response_mask, logprob=logprob, old_logprob=old_logprob, ref_logprob=ref_logprob, entropy=entropy)
     _check_clip("clip", clip)
@@ -214,13 +217,12 @@ def clipped_policy_loss(
     surrogate = clipped_surrogate(
         logprob, old_logprob, advantages, mask, clip_low=clip[0], clip_high=clip[1], dual_clip=dual_clip
     )
-    pg_loss = agg_loss(surrogate.pg, mask, loss_agg, norm_len=norm_len)
+    loss = agg_loss(surrogate.pg, mask, loss_agg, norm_len=norm_len, units=units)
     kl_t = _kl_per_token(logprob, ref_logprob, mask, kl_estimator)
-    loss = pg_loss
     if kl_coef > 0:
-        loss = loss + kl_coef * agg_loss(kl_t, mask, loss_agg, norm_len=norm_len)
+        loss = loss + kl_coef * agg_loss(kl_t, mask, loss_agg, norm_len=norm_len, units=units)
     reasoning = None if entropy is None else classify_tokens(entropy, mask, rho)
-    stats = _diagnostics(surrogate, pg_loss, mask, reasoning, entropy, kl_t, mask, loss_agg, norm_len, logprob, old_logprob)
+    stats = _diagnostics(surrogate, mask, reasoning, entropy, kl_t, mask, loss_agg, norm_len, logprob, old_logprob)
     return loss, stats
 
 
@@ -241,7 +243,10 @@ def dual_token_loss(
     kl_estimator: KLEstimator = "low_var_kl",
     loss_agg: AggregationMode = "token-mean",
     norm_len: int | None = None,
-) -> tuple[Tensor, dict[str, float]]:
+    units: Units = None,
+    knowledge_units: Units = None,
+    reasoning_units: Units = None,
+) -> tuple[Tensor, dict[str, Ratio]]:
     """Archer's dual-token loss (arXiv 2507.15778): ``agg(pg_t) + β_k·KL_know + β_r·KL_reas``.
 
     Reasoning tokens = ``classify_tokens(entropy, response_mask, rho)`` (H_t above its response's
@@ -249,6 +254,8 @@ def dual_token_loss(
     ``knowledge_clip`` (ε⁻, ε⁺) and β_k = ``knowledge_kl``; reasoning tokens ``reasoning_clip`` and
     β_r = ``reasoning_kl``. PG is one aggregate over all valid tokens; KL_know / KL_reas are the
     same aggregation restricted to that type's tokens. ``ref_logprob`` may be None only if both β are 0.
+    ``units`` / ``knowledge_units`` / ``reasoning_units`` divide the PG / KL_know / KL_reas
+    aggregates (module docstring).
     """
     _check_shapes(response_mask, logprob=logprob, old_logprob=old_logprob, ref_logprob=ref_logprob, entropy=entropy)
     _check_clip("knowledge_clip", knowledge_clip)
@@ -268,14 +275,13 @@ def dual_token_loss(
         clip_high=torch.where(reasoning, reasoning_clip[1], knowledge_clip[1]),
         dual_clip=dual_clip,
     )
-    pg_loss = agg_loss(surrogate.pg, mask, loss_agg, norm_len=norm_len)
+    loss = agg_loss(surrogate.pg, mask, loss_agg, norm_len=norm_len, units=units)
     kl_t = _kl_per_token(logprob, ref_logprob, mask, kl_estimator)
-    loss = pg_loss
     if knowledge_kl > 0:
-        loss = loss + knowledge_kl * agg_loss(kl_t, knowledge, loss_agg, norm_len=norm_len)
+        loss = loss + knowledge_kl * agg_loss(kl_t, knowledge, loss_agg, norm_len=norm_len, units=knowledge_units)
     if reasoning_kl > 0:
-        loss = loss + reasoning_kl * agg_loss(kl_t, reasoning, loss_agg, norm_len=norm_len)
-    stats = _diagnostics(surrogate, pg_loss, mask, reasoning, entropy, kl_t, mask, loss_agg, norm_len, logprob, old_logprob)
+        loss = loss + reasoning_kl * agg_loss(kl_t, reasoning, loss_agg, norm_len=norm_len, units=reasoning_units)
+    stats = _diagnostics(surrogate, mask, reasoning, entropy, kl_t, mask, loss_agg, norm_len, logprob, old_logprob)
     return loss, stats
 
 
@@ -292,22 +298,28 @@ def high_entropy_mask_loss(
     dual_clip: float | None = 10.0,
     loss_agg: AggregationMode = "token-mean",
     norm_len: int | None = None,
-) -> tuple[Tensor, dict[str, float]]:
+    threshold: Tensor | float | None = None,
+    units: Units = None,
+) -> tuple[Tensor, dict[str, Ratio]]:
     """"80/20" (arXiv 2506.01939): PG only through tokens with H_t > q, aggregated over those tokens.
 
     q is the ρ-quantile of the valid tokens' entropies per response (``level="response"``, as
-    Archer types tokens) or over the whole batch (``level="batch"``, the paper's choice). The kept
-    tokens are reported as the "reasoning" type; the result equals :func:`clipped_policy_loss`
-    with ``response_mask`` replaced by the kept tokens. No KL term.
+    Archer types tokens) or over the whole batch (``level="batch"``, the paper's choice).
+    ``threshold``: a batch-level q computed elsewhere (over a mini-batch larger than these
+    tensors, e.g. on all ranks); it replaces the one computed from ``entropy``. The kept tokens are
+    reported as the "reasoning" type; the result equals :func:`clipped_policy_loss` with
+    ``response_mask`` replaced by the kept tokens. ``units`` counts the kept tokens' units. No KL term.
     """
     _check_shapes(response_mask, logprob=logprob, old_logprob=old_logprob, entropy=entropy)
     _check_clip("clip", clip)
     _check_dual_clip(dual_clip)
     mask = response_mask.bool()
-    kept = (entropy.detach().double() > entropy_threshold(entropy, mask, rho, level=level)) & mask
+    if threshold is None:
+        threshold = entropy_threshold(entropy, mask, rho, level=level)
+    kept = (entropy.detach().double() > threshold) & mask
     surrogate = clipped_surrogate(
         logprob, old_logprob, advantages, kept, clip_low=clip[0], clip_high=clip[1], dual_clip=dual_clip
     )
-    pg_loss = agg_loss(surrogate.pg, kept, loss_agg, norm_len=norm_len)
-    stats = _diagnostics(surrogate, pg_loss, kept, kept, entropy, None, mask, loss_agg, norm_len, logprob, old_logprob)
+    pg_loss = agg_loss(surrogate.pg, kept, loss_agg, norm_len=norm_len, units=units)
+    stats = _diagnostics(surrogate, kept, kept, entropy, None, mask, loss_agg, norm_len, logprob, old_logprob)
     return pg_loss, stats

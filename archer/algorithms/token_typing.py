@@ -31,8 +31,8 @@ def entropy_threshold(
 
     ``entropy`` ``[B, T]`` (detached here), ``response_mask`` ``[B, T]`` (bool or 0/1). Padding is set
     to NaN and excluded by ``torch.nanquantile``; a response (or batch) with no valid token gets NaN.
-    torch's quantile accepts at most 2**24 elements per call, which bounds ``level="batch"`` to
-    ~16M tokens per micro-batch.
+    The batch level sorts the valid entropies instead (same interpolation), because
+    ``torch.quantile`` accepts at most 2**24 elements and a mini-batch of long responses has more.
     """
     if not 0.0 <= rho <= 1.0:
         raise ValueError(f"rho must lie in [0, 1], got {rho}")
@@ -41,10 +41,22 @@ def entropy_threshold(
     if level not in ("response", "batch"):
         raise ValueError(f"level must be 'response' or 'batch', got {level!r}")
     # float64 for the interpolation so the threshold of float32 entropies is exact to compare with.
-    values = entropy.detach().double().masked_fill(~response_mask.bool(), float("nan"))
     if level == "batch":
-        values = values.reshape(1, -1)
+        return _linear_quantile(entropy.detach().double()[response_mask.bool()], rho).reshape(1, 1)
+    values = entropy.detach().double().masked_fill(~response_mask.bool(), float("nan"))
     return torch.nanquantile(values, rho, dim=-1, keepdim=True)
+
+
+def _linear_quantile(values: Tensor, q: float) -> Tensor:
+    """``torch.quantile(values, q)`` (linear interpolation between the sorted neighbours of position
+    q·(n − 1)) for 1-D ``values`` of any length; NaN when empty."""
+    if values.numel() == 0:
+        return torch.full((), float("nan"), dtype=values.dtype, device=values.device)
+    ordered = values.sort().values
+    position = q * (values.numel() - 1)
+    low = int(position)
+    high = min(low + 1, values.numel() - 1)
+    return torch.lerp(ordered[low], ordered[high], position - low)
 
 
 def classify_tokens(entropy: Tensor, response_mask: Tensor, rho: float) -> Tensor:

@@ -5,6 +5,7 @@ import torch
 from jsonargparse import ArgumentParser
 
 from archer.algorithms import clipped_policy_loss, dual_token_loss, high_entropy_mask_loss, position_advantage_shaping
+from archer.distributed import Collectives
 from archer.losses import ArcherLoss, DAPOLoss, GRPOLoss, HighEntropyMaskLoss, PolicyLoss
 from archer.shaping import AdvantageShaping, PerplexityShaping, PositionShaping
 
@@ -61,3 +62,61 @@ def test_shaping_wrappers():
     assert torch.equal(shaped, adv.unsqueeze(-1).expand(3, 6))  # α = 0 leaves advantages unchanged
     with pytest.raises(ValueError, match="scope"):
         PerplexityShaping(scope="world")(adv, logprob, mask, 3)
+
+
+# Every preset, in the modes whose denominators depend on the micro-batch: token counts of a type,
+# responses with a reasoning token, kept tokens, a batch-level entropy threshold.
+PRESETS = [
+    ArcherLoss(),
+    ArcherLoss(loss_agg="token-mean", reasoning_kl=0.05),
+    ArcherLoss(loss_agg="seq-mean-token-sum-norm", reasoning_kl=0.05),
+    GRPOLoss(),
+    DAPOLoss(),
+    HighEntropyMaskLoss(),
+    HighEntropyMaskLoss(level="response", loss_agg="seq-mean-token-mean"),
+]
+
+
+@pytest.mark.parametrize("loss", PRESETS, ids=repr)
+def test_micro_batches_with_the_minibatch_context_add_up_to_the_whole_batch(loss):
+    """Split a batch into uneven micro-batches; with the context each part divides by the whole
+    batch's units, so the parts' losses, gradients and stats add up to the whole batch's."""
+    generator = torch.Generator().manual_seed(1)
+    shape = (7, 9)
+    logprob = (-torch.rand(shape, generator=generator, dtype=torch.float64) * 3).requires_grad_()
+    old = logprob.detach() + 0.3 * torch.randn(shape, generator=generator, dtype=torch.float64)
+    ref = logprob.detach() + 0.3 * torch.randn(shape, generator=generator, dtype=torch.float64)
+    advantages = torch.randn(shape[0], generator=generator, dtype=torch.float64)
+    entropy = torch.rand(shape, generator=generator, dtype=torch.float64) * 4
+    mask = torch.rand(shape, generator=generator) < 0.7
+    mask[2] = False  # a dropped (fully masked) response
+    mask[:, 0] = mask[:, 0] | torch.arange(shape[0]).ne(2)
+
+    whole, whole_stats = loss(logprob, old, ref, advantages, entropy, mask, norm_len=9)
+    (whole_grad,) = torch.autograd.grad(whole, logprob)
+
+    context = loss.minibatch_context(mask, entropy if loss.needs_minibatch_entropy else None, Collectives())
+    total, stats = 0.0, None
+    for rows in (slice(0, 1), slice(1, 4), slice(4, 5), slice(5, 7)):
+        part, part_stats = loss(logprob[rows], old[rows], ref[rows], advantages[rows], entropy[rows], mask[rows],
+                                norm_len=9, context=context)
+        total = total + part
+        stats = part_stats if stats is None else {k: stats[k] + part_stats[k] for k in stats}
+    (grad,) = torch.autograd.grad(total, logprob)
+    torch.testing.assert_close(total, whole)
+    torch.testing.assert_close(grad, whole_grad)
+    for key in ("pg_loss", "clipfrac", "entropy", "reasoning_fraction", "kl_knowledge"):
+        torch.testing.assert_close(torch.tensor(float(stats[key])), torch.tensor(float(whole_stats[key])),
+                                   equal_nan=True, msg=key)
+
+
+def test_without_the_context_a_micro_batch_is_its_own_batch():
+    # The 80/20 batch threshold of one micro-batch alone differs from the whole batch's: this is
+    # what the context fixes (the test above would fail without it).
+    entropy = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0], [10.0, 20.0, 30.0, 40.0, 50.0]], dtype=torch.float64)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    context = HighEntropyMaskLoss().minibatch_context(mask, entropy, Collectives())
+    # Sorted [1..5, 10..50], position 0.8·9 = 7.2 → q = 30 + 0.2·10 = 32; kept: 40, 50 (2 tokens).
+    assert float(context["threshold"]) == pytest.approx(32.0) and int(context["units"]) == 2
+    alone = HighEntropyMaskLoss().minibatch_context(mask[:1], entropy[:1], Collectives())
+    assert float(alone["threshold"]) == pytest.approx(4.2)  # row 0 alone: q = 4 + 0.2·1

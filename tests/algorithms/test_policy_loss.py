@@ -8,7 +8,7 @@ import torch
 from archer.algorithms import (
     AGGREGATION_MODES,
     STAT_KEYS,
-    classify_tokens,
+    Ratio,
     clipped_policy_loss,
     dual_token_loss,
     high_entropy_mask_loss,
@@ -28,8 +28,8 @@ def test_vanilla_positive_advantage_clips_above_only():
     torch.testing.assert_close(loss, torch.tensor(-2.8 / 3))
     loss.backward()
     torch.testing.assert_close(logprob.grad, torch.tensor([[-1.1 / 3, 0.0, -0.5 / 3]]))
-    assert stats["clipfrac"] == pytest.approx(1 / 3)
-    assert stats["ratio_mean"] == pytest.approx((1.1 + 1.5 + 0.5) / 3)
+    assert float(stats["clipfrac"]) == pytest.approx(1 / 3)
+    assert float(stats["ratio_mean"]) == pytest.approx((1.1 + 1.5 + 0.5) / 3)
 
 
 def test_vanilla_negative_advantage_and_dual_clip():
@@ -42,7 +42,7 @@ def test_vanilla_negative_advantage_and_dual_clip():
     torch.testing.assert_close(loss, torch.tensor(11.9 / 3))
     (grad,) = torch.autograd.grad(loss, logprob)
     torch.testing.assert_close(grad, torch.tensor([[1.1 / 3, 0.0, 0.0]]))
-    assert stats["clipfrac"] == pytest.approx(2 / 3)
+    assert float(stats["clipfrac"]) == pytest.approx(2 / 3)
     # Dual clip off: t2 = 20 with gradient 20/3.
     loss, _ = clipped_policy_loss(*args, clip=(0.2, 0.2), dual_clip=None)
     torch.testing.assert_close(loss, torch.tensor(21.9 / 3))
@@ -80,10 +80,10 @@ def test_dual_token_bands_go_to_the_right_type():
     torch.testing.assert_close(loss, torch.tensor(-1.24 + 0.001 * K3_AT_HALF))
     (grad,) = torch.autograd.grad(loss, logprob)
     torch.testing.assert_close(grad, torch.tensor([[1.25e-4] * 4 + [-0.28]]))
-    assert stats["reasoning_fraction"] == pytest.approx(0.2)
-    assert stats["clipfrac_knowledge"] == 1.0 and stats["clipfrac_reasoning"] == 0.0
-    assert stats["kl_knowledge"] == pytest.approx(K3_AT_HALF) and stats["pg_loss"] == pytest.approx(-1.24)
-    assert stats["entropy_reasoning"] == pytest.approx(5.0) and stats["entropy_knowledge"] == pytest.approx(0.25)
+    assert float(stats["reasoning_fraction"]) == pytest.approx(0.2)
+    assert float(stats["clipfrac_knowledge"]) == 1.0 and float(stats["clipfrac_reasoning"]) == 0.0
+    assert float(stats["kl_knowledge"]) == pytest.approx(K3_AT_HALF) and float(stats["pg_loss"]) == pytest.approx(-1.24)
+    assert float(stats["entropy_reasoning"]) == pytest.approx(5.0) and float(stats["entropy_knowledge"]) == pytest.approx(0.25)
 
 
 def test_kl_gradient_reaches_only_types_with_positive_beta():
@@ -108,6 +108,17 @@ def test_entropy_gets_no_gradient_and_reference_is_required_for_kl():
     dual_token_loss(logprob, old, None, adv, entropy, mask, knowledge_kl=0.0)  # fine without KL
     with pytest.raises(ValueError, match="needs ref_logprob"):
         clipped_policy_loss(logprob, old, adv, mask, kl_coef=0.1)
+
+
+def _sorted_quantile(values, q):
+    """Reference quantile, written out: linear interpolation at position q·(n − 1) of the sorted values (NaN if empty)."""
+    ordered = sorted(values.double().tolist())
+    if not ordered:
+        return float("nan")
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (position - low) * (ordered[high] - ordered[low])
 
 
 def _random_batch(seed, batch=4, length=9, dtype=torch.float32):
@@ -164,7 +175,7 @@ def test_archer_with_rho_one_is_vanilla_with_knowledge_settings(mode):
     vanilla, _ = clipped_policy_loss(
         logprob, old, advantages, mask, clip=(0.2, 0.25), ref_logprob=ref, kl_coef=0.1, loss_agg=mode
     )
-    assert archer_stats["reasoning_fraction"] == 0.0
+    assert float(archer_stats["reasoning_fraction"]) == 0.0
     torch.testing.assert_close(archer, vanilla)
     torch.testing.assert_close(torch.autograd.grad(archer, logprob)[0], torch.autograd.grad(vanilla, logprob)[0])
 
@@ -173,8 +184,8 @@ def test_archer_with_equal_clips_is_vanilla_with_count_weighted_betas_under_toke
     # With token-mean, KL_know = S_k/n_k and KL_reas = S_r/n_r, while the uniform KL is (S_k + S_r)/n.
     # So β_k = β·n_k/n and β_r = β·n_r/n make Archer (equal clips) exactly vanilla + β·KL.
     logprob, old, ref, advantages, entropy, mask = _random_batch(3)
-    reasoning = classify_tokens(entropy, mask, 0.8)
-    n_reasoning, n_valid = int(reasoning.sum()), int(mask.sum())
+    n_reasoning = sum(int(((row > _sorted_quantile(row[valid], 0.8)) & valid).sum()) for row, valid in zip(entropy, mask))
+    n_valid = int(mask.sum())
     beta = 0.2
     archer, _ = dual_token_loss(
         logprob, old, ref, advantages, entropy, mask, knowledge_clip=(0.2, 0.3), reasoning_clip=(0.2, 0.3),
@@ -190,7 +201,7 @@ def test_archer_with_rho_zero_types_all_but_each_responses_minimum():
     _, stats = dual_token_loss(logprob, old, ref, advantages, entropy, mask, rho=0.0)
     # Continuous random entropies: exactly one minimum per non-empty response is a knowledge token.
     non_empty = int(mask.any(-1).sum())
-    assert stats["reasoning_fraction"] == pytest.approx(1 - non_empty / int(mask.sum()))
+    assert float(stats["reasoning_fraction"]) == pytest.approx(1 - non_empty / int(mask.sum()))
 
 
 @pytest.mark.parametrize("level", ["response", "batch"])
@@ -198,14 +209,14 @@ def test_archer_with_rho_zero_types_all_but_each_responses_minimum():
 def test_high_entropy_mask_equals_vanilla_on_the_kept_tokens(level, mode):
     logprob, old, _, advantages, entropy, mask = _random_batch(5)
     if level == "response":
-        kept = classify_tokens(entropy, mask, 0.8)
+        kept = torch.stack([(row > _sorted_quantile(row[valid], 0.8)) & valid for row, valid in zip(entropy, mask)])
     else:
-        kept = (entropy > torch.quantile(entropy[mask].double(), 0.8)) & mask
+        kept = (entropy > _sorted_quantile(entropy[mask], 0.8)) & mask
     masked, stats = high_entropy_mask_loss(logprob, old, advantages, entropy, mask, level=level, loss_agg=mode)
     vanilla, _ = clipped_policy_loss(logprob, old, advantages, kept, clip=(0.2, 0.28), loss_agg=mode)
     assert torch.equal(masked, vanilla)
     torch.testing.assert_close(torch.autograd.grad(masked, logprob)[0], torch.autograd.grad(vanilla, logprob)[0])
-    assert stats["reasoning_fraction"] == pytest.approx(int(kept.sum()) / int(mask.sum()))
+    assert float(stats["reasoning_fraction"]) == pytest.approx(int(kept.sum()) / int(mask.sum()))
 
 
 def test_batch_level_and_response_level_masks_differ():
@@ -225,11 +236,11 @@ def test_batch_level_and_response_level_masks_differ():
     assert kept["batch"] == [[False] * 5, [False, False, False, True, True]]
 
 
-def test_every_loss_returns_the_same_float_stats():
+def test_every_loss_returns_the_same_ratio_stats():
     batch = _random_batch(6)
     for name, (loss, stats) in _all_losses(*batch, "token-mean").items():
         assert tuple(stats) == STAT_KEYS, name
-        assert all(isinstance(value, float) for value in stats.values()), name
+        assert all(isinstance(value, Ratio) and not value.num.requires_grad for value in stats.values()), name
         assert loss.dim() == 0 and loss.requires_grad
 
 

@@ -1,0 +1,55 @@
+"""The few collectives the trainer needs across data-parallel ranks, behind one small object.
+
+Losses and the update loop ask for mini-batch totals (unit counts, entropy thresholds, finite
+verdicts) without caring whether they run on one process or many: :class:`Collectives` does the
+all-reduce / all-gather over the default process group when one is initialised with several
+ranks, and returns its input otherwise. Every rank must make the same calls in the same order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["Collectives"]
+
+
+class Collectives:
+    """All-reduce and all-gather over the default process group (identity with one process)."""
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    def _reduce(self, tensor: Tensor, op: dist.ReduceOp) -> Tensor:
+        tensor = torch.as_tensor(tensor).clone()
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=op)
+        return tensor
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """Sum over ranks (a new tensor)."""
+        return self._reduce(tensor, dist.ReduceOp.SUM)
+
+    def max(self, tensor: Tensor) -> Tensor:
+        """Maximum over ranks (a new tensor)."""
+        return self._reduce(tensor, dist.ReduceOp.MAX)
+
+    def min(self, tensor: Tensor) -> Tensor:
+        """Minimum over ranks (a new tensor)."""
+        return self._reduce(tensor, dist.ReduceOp.MIN)
+
+    def cat(self, values: Tensor) -> Tensor:
+        """1-D ``values`` of every rank concatenated in rank order (lengths may differ between ranks)."""
+        if self.world_size == 1:
+            return values
+        length = torch.tensor([values.numel()], device=values.device)
+        lengths = [torch.zeros_like(length) for _ in range(self.world_size)]
+        dist.all_gather(lengths, length)
+        longest = int(max(lengths))
+        padded = torch.zeros(longest, dtype=values.dtype, device=values.device)
+        padded[: values.numel()] = values
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[: int(n)] for part, n in zip(parts, lengths)])
