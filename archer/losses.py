@@ -4,17 +4,17 @@ Each class stores its hyper-parameters and calls one pure function of
 :mod:`archer.algorithms.policy_loss`. The trainer calls every loss the same way, once per
 micro-batch::
 
-    context = policy_loss.minibatch_context(response_mask, entropy, collectives)   # once per mini-batch
+    context = policy_loss.minibatch_context(response_mask, collectives, entropy=..., logprob=..., advantages=...)  # per mini-batch
     loss, stats = policy_loss(logprob, old_logprob, ref_logprob, advantages, entropy, response_mask,
                               norm_len=..., context=context)
 
 ``context`` holds what a micro-batch cannot know alone: the unit counts of the whole mini-batch on
 all ranks (so that the micro-batch losses add up to the mini-batch loss exactly, whatever the
 micro-batch size or the number of ranks) and, for some losses, quantities such as a batch-level
-entropy threshold. When ``needs_minibatch_entropy`` is true, the trainer first runs a no-grad
-forward over the mini-batch with the current weights and passes those entropies, both to
-``minibatch_context`` and, sliced, to each micro-batch call, so the token types the context counted
-are the ones the loss uses. The trainer also reads ``needs_reference`` (whether reference log-probs
+entropy threshold. When ``needs_minibatch_forward`` is true, the trainer first runs a no-grad
+forward over the mini-batch with the current weights and passes its entropies and log-probs (and
+the advantages) to ``minibatch_context``, and the same entropies, sliced, to each micro-batch call,
+so the token types the context counted are the ones the loss uses. The trainer also reads ``needs_reference`` (whether reference log-probs
 must be computed) and ``rho``.
 """
 
@@ -53,16 +53,21 @@ class PolicyLoss:
         return False
 
     @property
-    def needs_minibatch_entropy(self) -> bool:
-        """True iff :meth:`minibatch_context` needs the current policy's entropies of the whole mini-batch."""
+    def needs_minibatch_forward(self) -> bool:
+        """True iff :meth:`minibatch_context` needs the current policy's entropies and log-probs of the
+        whole mini-batch (a no-grad forward over it before its micro-batches)."""
         return False
 
-    def minibatch_context(self, response_mask: Tensor, entropy: Tensor | None, collectives: Collectives) -> dict[str, Any]:
+    def minibatch_context(
+        self, response_mask: Tensor, collectives: Collectives, *, entropy: Tensor | None = None,
+        logprob: Tensor | None = None, advantages: Tensor | None = None,
+    ) -> dict[str, Any]:
         """Keyword arguments for every micro-batch call of one mini-batch (module docstring).
 
-        ``response_mask`` ``[N, T]`` and ``entropy`` (``[N, T]`` when :attr:`needs_minibatch_entropy`,
-        else None) cover this rank's rows of the mini-batch. The default: ``units``, the count of
-        ``loss_agg`` units over the mini-batch on all ranks.
+        ``response_mask`` ``[N, T]``, and ``entropy``, ``logprob`` (current policy, detached) and
+        ``advantages`` ``[N, T]`` when :attr:`needs_minibatch_forward` (else None), cover this rank's
+        rows of the mini-batch. The default: ``units``, the count of ``loss_agg`` units over the
+        mini-batch on all ranks.
         """
         return {"units": collectives.sum(agg_units(response_mask, self.loss_agg))}
 
@@ -139,16 +144,19 @@ class ArcherLoss(PolicyLoss):
         return self.knowledge_kl > 0 or self.reasoning_kl > 0
 
     @property
-    def needs_minibatch_entropy(self) -> bool:
+    def needs_minibatch_forward(self) -> bool:
         # Each type's KL divides by that type's units over the mini-batch. In the seq-* modes every
         # non-empty response has a knowledge token (its lowest-entropy one), so the knowledge units
         # are the valid ones; knowledge token counts (token-mean) and the count of responses with a
         # reasoning token depend on the entropies.
         return (self.knowledge_kl > 0 and self.loss_agg == "token-mean") or self.reasoning_kl > 0
 
-    def minibatch_context(self, response_mask: Tensor, entropy: Tensor | None, collectives: Collectives) -> dict[str, Any]:
+    def minibatch_context(
+        self, response_mask: Tensor, collectives: Collectives, *, entropy: Tensor | None = None,
+        logprob: Tensor | None = None, advantages: Tensor | None = None,
+    ) -> dict[str, Any]:
         units = collectives.sum(agg_units(response_mask, self.loss_agg))
-        if entropy is None:
+        if not self.needs_minibatch_forward:
             return {"units": units, "knowledge_units": units}
         reasoning = classify_tokens(entropy, response_mask, self.rho)
         knowledge = response_mask.bool() & ~reasoning
@@ -326,10 +334,13 @@ class HighEntropyMaskLoss(PolicyLoss):
         self.dual_clip = dual_clip
 
     @property
-    def needs_minibatch_entropy(self) -> bool:
+    def needs_minibatch_forward(self) -> bool:
         return True  # which tokens are kept (and so the units they count) depends on the entropies
 
-    def minibatch_context(self, response_mask: Tensor, entropy: Tensor | None, collectives: Collectives) -> dict[str, Any]:
+    def minibatch_context(
+        self, response_mask: Tensor, collectives: Collectives, *, entropy: Tensor | None = None,
+        logprob: Tensor | None = None, advantages: Tensor | None = None,
+    ) -> dict[str, Any]:
         mask = response_mask.bool()
         if self.level == "response":
             kept = classify_tokens(entropy, mask, self.rho)

@@ -95,7 +95,8 @@ def test_micro_batches_with_the_minibatch_context_add_up_to_the_whole_batch(loss
     whole, whole_stats = loss(logprob, old, ref, advantages, entropy, mask, norm_len=9)
     (whole_grad,) = torch.autograd.grad(whole, logprob)
 
-    context = loss.minibatch_context(mask, entropy if loss.needs_minibatch_entropy else None, Collectives())
+    forward = {"entropy": entropy, "logprob": logprob.detach(), "advantages": advantages[:, None].expand(shape)}
+    context = loss.minibatch_context(mask, Collectives(), **(forward if loss.needs_minibatch_forward else {}))
     total, stats = 0.0, None
     for rows in (slice(0, 1), slice(1, 4), slice(4, 5), slice(5, 7)):
         part, part_stats = loss(logprob[rows], old[rows], ref[rows], advantages[rows], entropy[rows], mask[rows],
@@ -115,8 +116,8 @@ def test_without_the_context_a_micro_batch_is_its_own_batch():
     # what the context fixes (the test above would fail without it).
     entropy = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0], [10.0, 20.0, 30.0, 40.0, 50.0]], dtype=torch.float64)
     mask = torch.ones(2, 5, dtype=torch.bool)
-    context = HighEntropyMaskLoss().minibatch_context(mask, entropy, Collectives())
+    context = HighEntropyMaskLoss().minibatch_context(mask, Collectives(), entropy=entropy)
     # Sorted [1..5, 10..50], position 0.8·9 = 7.2 → q = 30 + 0.2·10 = 32; kept: 40, 50 (2 tokens).
     assert float(context["threshold"]) == pytest.approx(32.0) and int(context["units"]) == 2
-    alone = HighEntropyMaskLoss().minibatch_context(mask[:1], entropy[:1], Collectives())
+    alone = HighEntropyMaskLoss().minibatch_context(mask[:1], Collectives(), entropy=entropy[:1])
     assert float(alone["threshold"]) == pytest.approx(4.2)  # row 0 alone: q = 4 + 0.2·1
