@@ -6,6 +6,10 @@
     archer tiny-model OUT_DIR                           # a tiny random Qwen2 + char tokenizer (offline)
     archer report RUN_DIR                               # plots + token view from a run's logs
     archer export CKPT OUT_DIR                          # checkpoint -> Hugging Face folder
+    archer data inspect FILE --model MODEL_DIR          # schema, rows, token lengths, a rendered prompt
+    archer data convert IN OUT.jsonl|OUT.parquet        # any supported data file -> normalised rows
+    archer eval MODEL --data NAME=FILE --n N --k K [K ...] --out OUT_DIR   # avg@n / pass@k / maj@k
+    archer eval --config eval.yaml                      # the same from a YAML file (EvalConfig fields)
 """
 
 from __future__ import annotations
@@ -17,15 +21,146 @@ import warnings
 from lightning.pytorch.cli import LightningCLI
 
 from archer.data import PromptDataModule
-from archer.module import ArcherModule
+from archer.module import FSDP2_HINT, ArcherModule
 
-TOOLS = ("tiny-model", "report", "export")
+TOOLS = ("tiny-model", "report", "export", "data", "eval")
 
 
 class ArcherCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The datamodule tokenizes prompts with the actor's own tokenizer.
         parser.link_arguments("model.model_path", "data.tokenizer_path")
+
+    def before_instantiate_classes(self) -> None:
+        # Refuse FSDP1 before the Trainer exists: on a CPU Lightning's own error would only say
+        # "requires a GPU", and on a GPU the module refuses it later, after the models are built.
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        strategy = config.get("trainer", {}).get("strategy")
+        name = strategy if isinstance(strategy, str) else getattr(strategy, "class_path", "") or ""
+        if name.split(".")[-1] == "FSDPStrategy" or name.startswith("fsdp"):
+            raise ValueError(f"trainer.strategy={name!r}: Lightning's FSDP1 is not supported; {FSDP2_HINT}")
+
+
+def _name_values(pairs: list[str], flag: str) -> dict[str, str]:
+    """``["a=x", "b=y"]`` -> ``{"a": "x", "b": "y"}``, for repeated ``NAME=VALUE`` flags."""
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name or not value:
+            raise SystemExit(f"archer: {flag} takes NAME=VALUE, got {pair!r}")
+        out[name] = value
+    return out
+
+
+def _add_field_options(parser: argparse.ArgumentParser, default: object = None) -> None:
+    """The row-field and prompt options shared by ``archer data`` and ``archer eval``."""
+    parser.add_argument("--prompt-key", default=default, help="field (dotted path) holding the prompt")
+    parser.add_argument("--answer-key", default=default, help="field holding the answer, e.g. reward_model.ground_truth")
+    parser.add_argument("--tests-key", default=default, help="field(s) holding code tests, comma-separated")
+    parser.add_argument("--data-source-key", default=default, help="field naming each row's source")
+    parser.add_argument("--prompt-template", default=default,
+                        help="text around each problem with one {prompt}, or a name: r1-math")
+
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    # Every option defaults to "not given", so a --config file's values stand unless a flag overrides them.
+    ev = sub.add_parser("eval", help="avg@n / pass@k / maj@k of a model on benchmark files (resumable)",
+                        argument_default=argparse.SUPPRESS)
+    ev.add_argument("model", nargs="?", help="HF model folder or Archer .ckpt")
+    ev.add_argument("--config", help="YAML file of EvalConfig fields (flags override it)")
+    ev.add_argument("--data", action="append", metavar="NAME=FILE", help="a benchmark (repeat for several)")
+    ev.add_argument("--n", type=int, help="samples per problem")
+    ev.add_argument("--k", type=int, nargs="+", help="the k of pass@k and maj@k")
+    ev.add_argument("--out", help="output folder (resumed if it holds an unfinished eval)")
+    ev.add_argument("--temperature", type=float, help="default: math 0.6, code 0.8 (the paper's)")
+    ev.add_argument("--top-p", type=float, help="default 0.95")
+    ev.add_argument("--top-k", type=int)
+    ev.add_argument("--max-new-tokens", type=int, help="default 32768")
+    ev.add_argument("--seed", type=int)
+    ev.add_argument("--engine", choices=["auto", "hf", "vllm"])
+    ev.add_argument("--domain", action="append", metavar="NAME=math|code", help="a data set's domain")
+    ev.add_argument("--reward", help="class path of the reward for every data set (default per domain)")
+    _add_field_options(ev, default=argparse.SUPPRESS)
+    ev.add_argument("--system-prompt")
+    ev.add_argument("--no-chat-template", dest="apply_chat_template", action="store_false")
+    ev.add_argument("--chunk-size", type=int, help="problems per generation call (the unit of resuming)")
+    ev.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    ev.add_argument("--hf-batch-size", type=int)
+    ev.add_argument("--data-parallel-size", type=int, help="vLLM engines (GPUs); default: all visible")
+    ev.add_argument("--reward-workers", type=int)
+    ev.add_argument("--reward-timeout-s", type=float)
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    from archer.eval import EvalConfig, evaluate
+
+    given = vars(args)
+    given.pop("tool")
+    settings = {}
+    if "config" in given:
+        with open(given.pop("config"), encoding="utf-8") as f:
+            settings = yaml.safe_load(f) or {}
+    if "data" in given:
+        settings["data"] = {**settings.get("data", {}), **_name_values(given.pop("data"), "--data")}
+    if "domain" in given:
+        settings["domains"] = {**settings.get("domains", {}), **_name_values(given.pop("domain"), "--domain")}
+    if "reward" in given:
+        settings["reward"] = {"class_path": given.pop("reward")}
+    settings.update(given)
+    parser = ArgumentParser(prog="archer eval")
+    parser.add_class_arguments(EvalConfig, "eval")
+    config = parser.instantiate(parser.parse_object({"eval": settings})).eval
+    evaluate(config)
+    for name in ("results.md", "results.json", "samples.jsonl"):
+        print(f"wrote {config.out}/{name}")
+
+
+def _run_data(args: argparse.Namespace) -> None:
+    from archer.data.rows import RowFields
+
+    defaults = RowFields()
+    fields = RowFields(
+        prompt=args.prompt_key or defaults.prompt,
+        answer=args.answer_key or defaults.answer,
+        tests=args.tests_key or defaults.tests,
+        data_source=args.data_source_key or defaults.data_source,
+    )
+    if args.data_command == "inspect":
+        from transformers import AutoTokenizer
+
+        from archer.data.inspection import format_summary, summarize
+
+        summary = summarize(
+            args.file, AutoTokenizer.from_pretrained(args.model), fields,
+            apply_chat_template=args.apply_chat_template, system_prompt=args.system_prompt,
+            prompt_template=args.prompt_template, skip_bad_rows=args.skip_bad_rows,
+        )
+        print(format_summary(summary))
+    else:
+        from archer.data.convert import convert_rows
+
+        written, skipped = convert_rows(args.source, args.out, fields, prompt_template=args.prompt_template,
+                                        skip_bad_rows=args.skip_bad_rows)
+        print(f"wrote {written} rows to {args.out} ({skipped} bad rows skipped)")
+
+
+def _add_data_parser(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="inspect or convert prompt data files")
+    commands = data.add_subparsers(dest="data_command", required=True)
+    inspect = commands.add_parser("inspect", help="schema, row count, token lengths, one rendered prompt")
+    inspect.add_argument("file")
+    inspect.add_argument("--model", required=True, help="model folder whose tokenizer measures the lengths")
+    inspect.add_argument("--system-prompt", default=None)
+    inspect.add_argument("--no-chat-template", dest="apply_chat_template", action="store_false")
+    convert = commands.add_parser("convert", help="write the validated, normalised rows (.jsonl or .parquet)")
+    convert.add_argument("source")
+    convert.add_argument("out")
+    for command in (inspect, convert):
+        _add_field_options(command)
+        command.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) bad rows instead of failing")
 
 
 def _tool(argv: list[str]) -> None:
@@ -44,6 +179,8 @@ def _tool(argv: list[str]) -> None:
     export = sub.add_parser("export", help="write a checkpoint's actor as a Hugging Face folder")
     export.add_argument("ckpt")
     export.add_argument("out_dir")
+    _add_data_parser(sub)
+    _add_eval_parser(sub)
     args = parser.parse_args(argv)
 
     if args.tool == "tiny-model":
@@ -67,6 +204,10 @@ def _tool(argv: list[str]) -> None:
         from archer.export import export_checkpoint
 
         print(f"wrote {export_checkpoint(args.ckpt, args.out_dir)}")
+    elif args.tool == "data":
+        _run_data(args)
+    elif args.tool == "eval":
+        _run_eval(args)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
     # Lightning's own use of a deprecated torch API; nothing a user can act on.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # Our IterableDatasets (the prompt stream, the val shards) yield whole batches in the main process.
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
     ArcherCLI(ArcherModule, PromptDataModule, save_config_kwargs={"overwrite": True}, args=argv)
 
 

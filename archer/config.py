@@ -17,9 +17,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
     warmup_steps: int = 10
-    """Optimizer steps of linear warmup from 0 to ``lr``."""
+    """RL steps (training steps) of linear warmup from 0 to ``lr``; the schedule steps once per RL step, as verl's."""
     schedule: Literal["constant", "cosine"] = "constant"
-    """Learning-rate shape after warmup; cosine decays to ``min_lr_ratio * lr`` at ``trainer.max_steps``."""
+    """Learning-rate shape after warmup; cosine decays to ``min_lr_ratio * lr`` at ``trainer.max_steps`` (RL steps)."""
     min_lr_ratio: float = 0.0
     """Floor of the cosine schedule as a fraction of ``lr``."""
     max_grad_norm: float = 1.0
@@ -33,7 +33,8 @@ class UpdateConfig:
     ppo_epochs: int = 1
     """Passes over the rollout batch (the official recipe: 3)."""
     mini_batch_size: int = 0
-    """Prompts (global, across ranks) per optimizer step; 0 = the whole rollout batch (one step per RL step)."""
+    """Prompts (global, across ranks) per optimizer step; 0 = the whole rollout batch (one step per RL step).
+    Must be a multiple of the number of data-parallel ranks."""
     micro_batch_size: int = 8
     """Sequences per forward/backward on one rank (gradient accumulation inside a mini-batch)."""
     shuffle: bool = False
@@ -41,7 +42,7 @@ class UpdateConfig:
     logprob_chunk_size: int = 1024
     """Rows of the vocabulary projection computed at once; bounds the logits' memory."""
     max_nonfinite_steps: int = 5
-    """Consecutive optimizer steps with a non-finite loss or gradient before the run stops."""
+    """RL steps in a row with a skipped (non-finite loss or gradient norm) optimizer step before the run stops."""
 
 
 @dataclass

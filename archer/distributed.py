@@ -22,11 +22,20 @@ class Collectives:
     def world_size(self) -> int:
         return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
+    @staticmethod
+    def _comm_device(tensor: Tensor) -> torch.device:
+        """NCCL reduces CUDA tensors only; gloo takes any."""
+        if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return tensor.device
+
     def _reduce(self, tensor: Tensor, op: dist.ReduceOp) -> Tensor:
-        tensor = torch.as_tensor(tensor).clone()
-        if self.world_size > 1:
-            dist.all_reduce(tensor, op=op)
-        return tensor
+        tensor = torch.as_tensor(tensor)
+        if self.world_size == 1:
+            return tensor.clone()
+        reduced = tensor.to(self._comm_device(tensor), copy=True)
+        dist.all_reduce(reduced, op=op)
+        return reduced.to(tensor.device)
 
     def sum(self, tensor: Tensor) -> Tensor:
         """Sum over ranks (a new tensor)."""
@@ -44,12 +53,12 @@ class Collectives:
         """1-D ``values`` of every rank concatenated in rank order (lengths may differ between ranks)."""
         if self.world_size == 1:
             return values
-        length = torch.tensor([values.numel()], device=values.device)
+        device = self._comm_device(values)
+        length = torch.tensor([values.numel()], device=device)
         lengths = [torch.zeros_like(length) for _ in range(self.world_size)]
         dist.all_gather(lengths, length)
-        longest = int(max(lengths))
-        padded = torch.zeros(longest, dtype=values.dtype, device=values.device)
+        padded = torch.zeros(int(max(lengths)), dtype=values.dtype, device=device)
         padded[: values.numel()] = values
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded)
-        return torch.cat([part[: int(n)] for part, n in zip(parts, lengths)])
+        return torch.cat([part[: int(n)] for part, n in zip(parts, lengths)]).to(values.device)

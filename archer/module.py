@@ -7,52 +7,67 @@ aggregation units) and in the policy loss chosen in YAML (``archer.losses``). On
         --compute_advantages (per group)--> A_i  --shaping (optional)--> A_{i,t}
         --no_grad forward--> old log-probs (and reference log-probs when a KL beta > 0)
         --ppo_epochs x mini-batches x micro-batches--> loss.backward, clip, AdamW step
+        --> one LR-schedule step
 
-Gradient accumulation and data parallelism are exact for every aggregation mode: each micro-batch's
-local aggregate is scaled by ``units(micro) / units(mini-batch, all ranks) * world_size`` (units =
-tokens for token-mean, sequences for seq-mean-*), see ``archer.algorithms.agg_units``.
+**One unit of progress: the RL step.** ``trainer.max_steps``, ``global_step``, the checkpoint
+interval (``every_n_train_steps``), the validation interval (``val_check_interval``, in train
+batches) and the LR schedule (warmup, cosine) all count RL steps (``training_step`` calls), as in
+verl, where the scheduler steps once per actor update. Each RL step runs ``ppo_epochs`` × mini-batches
+optimizer steps; the last goes through Lightning's optimizer wrapper, which counts one global step,
+the others through the torch optimizer directly. A skipped optimizer step (a non-finite loss or
+gradient norm, or a mini-batch whose groups were all dropped) sets the gradients to None, which
+AdamW skips (no momentum, no weight decay), so skips never shift the step count, the checkpoint or
+validation cadence, or the schedule.
+
+**Exact accumulation.** Each micro-batch's loss divides by the unit count of its whole mini-batch on
+all ranks (``PolicyLoss.minibatch_context``; for some losses it also needs a no-grad forward over
+the mini-batch), times the world size because DDP and FSDP2 average gradients over ranks. So the
+update is the same for every micro-batch size and number of ranks, for every loss and aggregation.
+Gradients are synchronised across ranks once per optimizer step (on its last micro-batch). Loss
+statistics are numerator/denominator pairs (:class:`~archer.algorithms.stats.Ratio`), summed over
+micro-batches and ranks and read once per step.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass, fields, replace
+from collections.abc import Iterator
+from dataclasses import replace
 
 import lightning as L
 import torch
 from jsonargparse import lazy_instance
+from lightning.pytorch.strategies import FSDPStrategy
+from torch import Tensor
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from archer.algorithms import agg_units, compute_advantages, overlong_penalty, token_logprobs_and_entropy
+from archer.algorithms import Ratio, compute_advantages, masked_ratio, overlong_penalty, token_logprobs_and_entropy
 from archer.config import DynamicSamplingConfig, OptimConfig, OverlongConfig, UpdateConfig
+from archer.data.shard import FILLER_KEY
+from archer.distributed import Collectives
+from archer.experience import Samples, ScoredGroups, collect_groups
 from archer.losses import ArcherLoss, PolicyLoss
 from archer.metrics import PassAtK
 from archer.rewards import Reward, RewardRunner
 from archer.rollout import HFEngine, RolloutEngine, SamplingConfig
-from archer.rollout.base import Completion
 from archer.rollout.batch import RolloutBatch, collate_rollout
+from archer.seeding import derive_seed, rank_seed
 from archer.shaping import AdvantageShaping
 
-@dataclass
-class _Samples:
-    """Flattened rollout samples (group-contiguous: ``n`` consecutive samples share a prompt)."""
-
-    prompts: list[list[int]]
-    completions: list[Completion]
-    rows: list[dict]
-    texts: list[str]
-
-    def __add__(self, other: _Samples) -> _Samples:
-        return _Samples(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
-
-    def select(self, index: list[int]) -> _Samples:
-        return _Samples(*([getattr(self, f.name)[i] for i in index] for f in fields(self)))
-
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+FSDP2_HINT = (
+    "use FSDP2: trainer.strategy: {class_path: lightning.pytorch.strategies.ModelParallelStrategy, "
+    "init_args: {data_parallel_size: <number of GPUs>, tensor_parallel_size: 1}} (docs/scaling.md)"
+)
+"""What to use instead of Lightning's FSDP1 strategy, in the words of the error that refuses it."""
 
 
 class ArcherModule(L.LightningModule):
@@ -65,7 +80,7 @@ class ArcherModule(L.LightningModule):
         rollout: The rollout engine (``HFEngine`` on CPU; ``VLLMEngine`` with ``WeightSyncCallback``).
         sampling: Training rollout sampling (``n`` is the group size).
         val_sampling: Validation sampling; ``n`` must be >= the largest of ``pass_k``. ``None``: ``sampling``.
-        optim: AdamW and learning-rate schedule.
+        optim: AdamW and learning-rate schedule (its steps are RL steps).
         update: PPO epochs, mini- and micro-batch sizes.
         advantage: Group advantage estimator: ``grpo`` (mean/std), ``drgrpo`` (no std) or ``rloo``.
         advantage_shaping: Applied in order after the advantages (perplexity / position shaping).
@@ -77,7 +92,7 @@ class ArcherModule(L.LightningModule):
         dtype: Parameter dtype of actor and reference (keep float32 master weights for small learning rates:
             a 1e-6 update is below bfloat16's resolution).
         fsdp_compute_dtype: Under ``ModelParallelStrategy`` (FSDP2): run forward/backward in this dtype
-            (e.g. ``bfloat16``) while parameters and gradient reduction stay in ``dtype``.
+            (e.g. ``bfloat16``) while parameters and gradient reduction stay in float32.
         gradient_checkpointing: Recompute activations in the backward pass (saves memory at ~30% compute).
         token_view_samples: Responses kept from each step (with per-token entropy) for the token view.
     """
@@ -107,8 +122,11 @@ class ArcherModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "reward", "rollout", "advantage_shaping"])
         self.automatic_optimization = False
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        for name, value in (("dtype", dtype), ("fsdp_compute_dtype", fsdp_compute_dtype)):
+            if value is not None and value not in _DTYPES:
+                raise ValueError(f"{name} must be one of {sorted(_DTYPES)}, got {value!r}")
+        if update.ppo_epochs < 1 or update.micro_batch_size < 1 or update.mini_batch_size < 0:
+            raise ValueError(f"update needs ppo_epochs >= 1, micro_batch_size >= 1, mini_batch_size >= 0: {update}")
         self.model_path = model_path
         self.loss = loss
         self.reward = reward
@@ -136,12 +154,16 @@ class ArcherModule(L.LightningModule):
         self.actor: torch.nn.Module | None = None
         self.reference: torch.nn.Module | None = None
         self.reward_runner: RewardRunner | None = None
+        self.collectives = Collectives()
         self.val_metrics = torch.nn.ModuleDict()
         self.last_rollout_samples: list[dict] = []
         self._rollout_ready = False
         self._base_seed: int | None = None
+        self._counters = {"nonfinite_steps": 0, "empty_steps": 0}
+        """Running totals, stored in checkpoints: optimizer steps skipped for a non-finite loss or
+        gradient norm, and for a mini-batch without any token to learn from (every group dropped)."""
         self._nonfinite_in_a_row = 0
-        self._nonfinite_total = 0
+        """RL steps in a row with a skipped non-finite optimizer step."""
 
     # ----------------------------------------------------------------------------------- setup
     def configure_model(self) -> None:
@@ -165,12 +187,17 @@ class ArcherModule(L.LightningModule):
                     _fully_shard_decoder(model, self.device_mesh["data_parallel"], self.fsdp_compute_dtype)
 
     def setup(self, stage: str) -> None:
+        self._check_trainer()
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.reward is None:
             task = getattr(datamodule, "task", None)
             if task is None:
                 raise ValueError("model.reward is not set and the datamodule has no synthetic task to score with")
             self.reward = task
+        check_sources = getattr(self.reward, "check_data_sources", None)  # RoutedReward: unknown sources fail now
+        if check_sources is not None and datamodule is not None:
+            items = [*datamodule.train_items, *(item for items in datamodule.val_items.values() for item in items)]
+            check_sources({item["row"]["data_source"] for item in items})
         if self.reward_runner is None:
             self.reward_runner = RewardRunner(
                 self.reward, timeout_s=self.reward_timeout_s, num_workers=self.reward_workers
@@ -179,18 +206,38 @@ class ArcherModule(L.LightningModule):
         for name in names:
             if name not in self.val_metrics:
                 self.val_metrics[name] = torch.nn.ModuleDict({f"pass@{k}": PassAtK(k) for k in self.pass_k})
-
         if self._base_seed is None:
-            # After `seed_everything`, so a resumed run derives the same per-step seeds (see _seed).
+            # After `seed_everything`, so a resumed run derives the same seeds (see _seed).
             self._base_seed = self.sampling.seed if self.sampling.seed is not None else torch.initial_seed()
 
-    def _seed(self, draw: int = 0) -> int:
-        """The seed of this step's ``draw``-th rollout on this rank.
+    def _check_trainer(self) -> None:
+        """Refuse, with the fix in the message, the settings this module cannot train correctly with."""
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError(f"Lightning's FSDPStrategy (FSDP1, `strategy: fsdp`) is not supported; {FSDP2_HINT}")
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError(
+                f"trainer.precision={self.trainer.precision!r} uses a gradient scaler, which the RL update does not "
+                "drive; keep trainer.precision at 32-true and set model.fsdp_compute_dtype: bfloat16 (FSDP2)"
+            )
+        world = self.trainer.world_size
+        mini = self.update.mini_batch_size
+        if mini % world:
+            raise ValueError(
+                f"update.mini_batch_size = {mini} prompts (global) does not split evenly over {world} ranks; "
+                f"use a multiple of {world}"
+            )
+        batch_size = getattr(getattr(self.trainer, "datamodule", None), "batch_size", None)
+        if batch_size is not None and mini > batch_size:
+            raise ValueError(f"update.mini_batch_size = {mini} is larger than data.batch_size = {batch_size} prompts")
 
-        Derived from (base seed, global step, rank, draw) rather than from a global RNG state, so a
-        run resumed from a checkpoint samples exactly what the uninterrupted run would have.
+    def _seed(self, purpose: str, *indices: int) -> int:
+        """The seed of one random draw of this rank: derived (by hashing) from the base seed, the
+        draw's purpose and indices (step, draw, batch, ...), then made rank-specific.
+
+        Independent of any global RNG state, so a run resumed from a checkpoint samples exactly
+        what the uninterrupted run would have.
         """
-        return (self._base_seed + 1_000_003 * self.global_step + 10_007 * self.global_rank + draw) % 2**31
+        return rank_seed(derive_seed(self._base_seed, purpose, *indices), self.global_rank)
 
     def teardown(self, stage: str) -> None:
         if self.reward_runner is not None:
@@ -209,13 +256,13 @@ class ArcherModule(L.LightningModule):
             betas=self.optim.betas,
             weight_decay=self.optim.weight_decay,
         )
-        # trainer.max_steps counts optimizer steps (Lightning's global_step under manual optimization).
+        # trainer.max_steps counts RL steps, and so does the schedule (stepped once per training_step).
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor_fn(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _lr_factor_fn(self, total: int | None):
-        """Linear warmup to 1, then constant or cosine down to ``min_lr_ratio`` at ``total`` steps."""
+        """Linear warmup to 1, then constant or cosine down to ``min_lr_ratio`` at ``total`` RL steps."""
         warmup, schedule, floor = self.optim.warmup_steps, self.optim.schedule, self.optim.min_lr_ratio
 
         def factor(step: int) -> float:
@@ -234,65 +281,48 @@ class ArcherModule(L.LightningModule):
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith("reference.")]:
             del state[key]
-        checkpoint["archer"] = {"nonfinite_total": self._nonfinite_total}
+        checkpoint["archer"] = {**self._counters, "nonfinite_in_a_row": self._nonfinite_in_a_row}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.reference is not None:
             state = checkpoint.setdefault("state_dict", {})
             state.update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
-        self._nonfinite_total = checkpoint.get("archer", {}).get("nonfinite_total", 0)
+        saved = checkpoint.get("archer", {})
+        self._counters = {key: saved.get(key, 0) for key in self._counters}
+        self._nonfinite_in_a_row = saved.get("nonfinite_in_a_row", 0)
 
     # --------------------------------------------------------------------------------- rollout
-    def _sample(self, rows: list[dict], sampling: SamplingConfig) -> _Samples:
+    def _sample(self, rows: list[dict], sampling: SamplingConfig) -> Samples:
         """Roll out ``sampling.n`` completions for each prompt row (flattened, group-contiguous)."""
         self._ensure_rollout()
         prompts = [row["prompt_ids"] for row in rows]
         groups = self.rollout.generate(prompts, sampling)
         completions = [c for group in groups for c in group]
-        return _Samples(
+        return Samples(
             prompts=[p for p in prompts for _ in range(sampling.n)],
             completions=completions,
             rows=[row["row"] for row in rows for _ in range(sampling.n)],
             texts=self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True),
         )
 
-    def _score(self, samples: _Samples, stats: dict) -> torch.Tensor:
-        result = self.reward_runner.score(samples.texts, samples.rows)
-        stats["reward/errors"] += result.num_errors
-        stats["reward/timeouts"] += result.num_timeouts
-        return torch.tensor(result.scores, dtype=torch.float32)
-
-    def _rollout_and_score(self, prompt_rows: list[dict], stats: dict) -> tuple[_Samples, torch.Tensor, torch.Tensor]:
-        """Rollout + rewards, with DAPO/Archer dynamic sampling when configured.
-
-        Returns the samples, their rewards ``[N]`` and a ``[N]`` keep mask. ``N`` is always
-        ``len(prompt_rows) * n``, so all ranks run the same number of forward/backward passes:
-        dropped groups stay in the batch, masked out of the loss.
-        """
-        n = self.sampling.n
-        samples = self._sample(prompt_rows, replace(self.sampling, seed=self._seed()))
-        scores = self._score(samples, stats)
-        if self.dynamic_sampling is None:
-            return samples, scores, torch.ones_like(scores, dtype=torch.bool)
-        informative = _informative_groups(scores, n)
-        extra_batches = 0
-        while (
-            self.dynamic_sampling.refill
-            and informative.sum() < len(prompt_rows)
-            and extra_batches < self.dynamic_sampling.max_extra_batches
-        ):
-            extra_rows = self.trainer.datamodule.draw_train_batch()
-            extra = self._sample(extra_rows, replace(self.sampling, seed=self._seed(draw=extra_batches + 1)))
-            extra_scores = self._score(extra, stats)
-            samples = samples + extra
-            scores = torch.cat([scores, extra_scores])
-            informative = torch.cat([informative, _informative_groups(extra_scores, n)])
-            extra_batches += 1
-        stats["rollout/extra_batches"] = extra_batches
-        # Keep exactly len(prompt_rows) groups: informative ones first, then masked-out fillers.
-        groups = torch.argsort((~informative).to(torch.int8), stable=True)[: len(prompt_rows)]
-        index = (groups[:, None] * n + torch.arange(n)).flatten().tolist()
-        return samples.select(index), scores[index], informative[groups].repeat_interleave(n)
+    def _collect(self, rows: list[dict]) -> ScoredGroups:
+        """This step's scored groups (dynamic sampling included), with seeds derived per draw."""
+        scored = collect_groups(
+            rows,
+            self.sampling.n,
+            generate=lambda batch, draw: self._sample(
+                batch, replace(self.sampling, seed=self._seed("train", self.global_step, draw))
+            ),
+            score=lambda samples: self.reward_runner.score(samples.texts, samples.rows),
+            dynamic_sampling=self.dynamic_sampling,
+            draw_batch=lambda: self.trainer.datamodule.draw_train_batch(),
+            collectives=self.collectives,
+        )
+        rewards = scored.rewards
+        if rewards.num_errors == len(rewards.scores) and rewards.errors and self.global_rank == 0:
+            # Training on all-zero rewards teaches nothing; say loudly why (a wrong answer_key, a reward bug).
+            log.warning("every reward of step %d failed; the first error:\n%s", self.global_step, rewards.errors[0])
+        return scored
 
     # ------------------------------------------------------------------------------- log-probs
     def _logprobs(self, model: torch.nn.Module, mb: RolloutBatch, temperature: float):
@@ -323,42 +353,50 @@ class ArcherModule(L.LightningModule):
             lm_head_bias=bias,
         )
 
+    def _micro_batch(self, rollout: RolloutBatch, rows: Tensor) -> RolloutBatch:
+        """Rows of the (CPU) rollout as a micro-batch on the device, padded to its own longest sequence."""
+        return rollout.select(rows).trimmed().to(self.device)
+
     @torch.no_grad()
-    def _logprobs_no_grad(self, model: torch.nn.Module, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        logprobs, entropies = [], []
-        for idx in _chunks(batch.num_sequences, self.update.micro_batch_size):
-            lp, ent = self._logprobs(model, batch.select(idx), self.sampling.temperature)
-            logprobs.append(lp)
-            entropies.append(ent)
-        return torch.cat(logprobs), torch.cat(entropies)
+    def _logprobs_no_grad(self, model: torch.nn.Module, rollout: RolloutBatch, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Log-probs and entropies ``[len(rows), R]`` of ``rows``, in micro-batches, zero past each response."""
+        width = rollout.response_ids.shape[1]
+        logprob = torch.zeros(len(rows), width, device=self.device)
+        entropy = torch.zeros_like(logprob)
+        for part in _chunks(len(rows), self.update.micro_batch_size):
+            mb = self._micro_batch(rollout, rows[part])
+            lp, ent = self._logprobs(model, mb, self.sampling.temperature)
+            r = lp.shape[1]
+            logprob[part, :r], entropy[part, :r] = lp, ent
+        return logprob, entropy
 
     # ------------------------------------------------------------------------------------ step
     def training_step(self, batch: list[dict], batch_idx: int) -> None:
-        stats: dict = defaultdict(float)
         t0 = time.perf_counter()
         self.actor.eval()  # rollout and old log-probs without dropout
-        samples, scores, keep = self._rollout_and_score(batch, stats)
-        rollout = collate_rollout(samples.prompts, samples.completions, self.tokenizer.pad_token_id).to(self.device)
-        scores, keep = scores.to(self.device), keep.to(self.device)
-        response_lengths = rollout.response_lengths
+        scored = self._collect(batch)
+        rollout = collate_rollout(scored.samples.prompts, scored.samples.completions, self.tokenizer.pad_token_id)
+        scores, keep = scored.scores.to(self.device), scored.keep.to(self.device)
         t_rollout = time.perf_counter() - t0
 
         n = self.sampling.n
+        response_lengths = rollout.response_lengths  # before dropped groups are masked out
         rewards = scores
         if self.overlong is not None:
             rewards = rewards + overlong_penalty(
-                response_lengths,
+                response_lengths.to(self.device),
                 max_len=self.sampling.max_new_tokens,
                 buffer=self.overlong.buffer,
                 penalty=self.overlong.penalty,
             )
         advantages = compute_advantages(rewards, n, estimator=self.advantage)  # [N]
-        rollout.response_mask = rollout.response_mask * keep[:, None].to(rollout.response_mask.dtype)
-        mask = rollout.response_mask
+        rollout.response_mask = rollout.response_mask * keep[:, None].cpu().to(rollout.response_mask.dtype)
+        mask = rollout.response_mask.to(self.device)
 
         t1 = time.perf_counter()
-        old_logprob, _ = self._logprobs_no_grad(self.actor, rollout)
-        ref_logprob = self._logprobs_no_grad(self.reference, rollout)[0] if self.reference is not None else None
+        every_row = torch.arange(rollout.num_sequences)
+        old_logprob, _ = self._logprobs_no_grad(self.actor, rollout, every_row)
+        ref_logprob = self._logprobs_no_grad(self.reference, rollout, every_row)[0] if self.reference is not None else None
         advantages = advantages[:, None].expand_as(mask).contiguous()  # [N, R]
         for shaping in self.advantage_shaping:
             advantages = shaping(advantages, old_logprob, mask, n)
@@ -366,121 +404,182 @@ class ArcherModule(L.LightningModule):
 
         t2 = time.perf_counter()
         self.actor.train()
-        update_stats = self._update(rollout, old_logprob, ref_logprob, advantages)
+        lr = self.lr_schedulers().get_last_lr()[0]
+        update_stats, grad_norm_steps = self._update(rollout, old_logprob, ref_logprob, advantages)
+        self.lr_schedulers().step()  # once per RL step (verl's convention): warmup and cosine count RL steps
         t_update = time.perf_counter() - t2
 
-        total_time = time.perf_counter() - t0
-        tokens = rollout.attention_mask.sum().item()
-        metrics = {
-            "train/reward_mean": scores.mean().item(),
-            "train/solve_rate": _solve_rate(scores, n),
-            "train/response_length_mean": response_lengths.mean().item(),
-            "train/response_clip_ratio": rollout.truncated.float().mean().item(),
-            "train/advantage_abs_mean": (advantages.abs() * mask).sum().item() / max(1.0, mask.sum().item()),
-            "train/kept_groups_fraction": keep.float().mean().item(),
-            "train/lr": self.lr_schedulers().get_last_lr()[0],
-            "train/nonfinite_steps": float(self._nonfinite_total),
-            "reward/errors": stats["reward/errors"],
-            "reward/timeouts": stats["reward/timeouts"],
-            "time/rollout_s": t_rollout,
-            "time/logprob_s": t_logprob,
-            "time/update_s": t_update,
-            "perf/tokens_per_s": tokens / total_time,
+        ratios = {
+            "train/reward_mean": Ratio.of(scores.sum(), len(scores)),
+            "train/solve_rate": Ratio.of((scores.view(-1, n) >= 1.0).any(-1).sum(), len(scores) // n),
+            "train/response_length_mean": Ratio.of(response_lengths.sum(), len(scores)),
+            "train/response_clip_ratio": Ratio.of(rollout.truncated.sum(), len(scores)),
+            "train/advantage_abs_mean": masked_ratio(advantages.abs(), mask.bool()),
+            "train/kept_groups_fraction": Ratio.of(keep.sum(), len(scores)),
+            "reward/error_fraction": Ratio.of(scored.rewards.num_errors, len(scored.rewards.scores)),
+            **{f"train/{key}": value for key, value in update_stats.items()},
+        }
+        if rollout.engine_logprobs is not None:
+            diff = (rollout.engine_logprobs.to(self.device) - old_logprob).abs()
+            ratios["rollout/logprob_diff"] = masked_ratio(diff, mask.bool())
+        totals = {
+            "reward/errors": scored.rewards.num_errors,
+            "reward/timeouts": scored.rewards.num_timeouts,
+            "perf/tokens": float(rollout.attention_mask.sum()),
         }
         if self.dynamic_sampling is not None:
-            metrics["rollout/extra_batches"] = float(stats["rollout/extra_batches"])
-        if rollout.engine_logprobs is not None:
-            valid = rollout.response_mask > 0
-            diff = (rollout.engine_logprobs - old_logprob).abs()[valid]
-            metrics["rollout/logprob_diff"] = diff.mean().item() if diff.numel() else 0.0
-        metrics.update({f"train/{k}": v for k, v in update_stats.items()})
-        self.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=self.trainer.world_size > 1, batch_size=len(batch))
+            totals["rollout/extra_batches"] = scored.extra_batches
+        metrics = self._global_values(ratios, totals)
+        metrics.update(
+            {
+                "train/lr": lr,
+                "train/optimizer_steps": float(grad_norm_steps),
+                "train/nonfinite_steps": float(self._counters["nonfinite_steps"]),
+                "train/empty_steps": float(self._counters["empty_steps"]),
+                "time/rollout_s": t_rollout,
+                "time/logprob_s": t_logprob,
+                "time/update_s": t_update,
+                "perf/tokens_per_s": metrics.pop("perf/tokens") / (time.perf_counter() - t0),
+            }
+        )
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
         self.log("reward", metrics["train/reward_mean"], prog_bar=True, on_step=True, logger=False, batch_size=len(batch))
         self._keep_samples(rollout, scores)
+        self._check_nonfinite()
 
-    def _update(self, rollout: RolloutBatch, old_logprob, ref_logprob, advantages) -> dict[str, float]:
-        """``ppo_epochs`` passes over mini-batches; returns the mean of the loss statistics."""
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
-        n_seq = rollout.num_sequences
-        world = self.trainer.world_size
-        prompts_local = n_seq // self.sampling.n
-        mini_prompts = (self.update.mini_batch_size // world) if self.update.mini_batch_size else prompts_local
-        mini_seqs = max(1, mini_prompts) * self.sampling.n
-        sums: dict[str, float] = defaultdict(float)
-        count = 0
+    def _global_values(self, ratios: dict[str, Ratio], totals: dict[str, float]) -> dict[str, float]:
+        """Ratios (numerators and denominators summed over ranks, then divided) and totals (summed
+        over ranks), in one all-reduce and one host read. Ratios with nothing measured are left out."""
+        parts = [torch.stack([r.num.to(self.device), r.den.to(self.device)]) for r in ratios.values()]
+        parts.append(torch.tensor(list(totals.values()), dtype=torch.float64, device=self.device).view(-1, 1).expand(-1, 2))
+        reduced = self.collectives.sum(torch.cat([p.reshape(-1, 2) for p in parts])).tolist()
+        values = {key: num / den for key, (num, den) in zip(ratios, reduced) if den > 0}
+        values.update({key: num for key, (num, _) in zip(totals, reduced[len(ratios):])})
+        return values
+
+    def _minibatches(self, num_rows: int) -> list[Tensor]:
+        """Row indices of each optimizer step: ``ppo_epochs`` passes over the batch in mini-batches of
+        ``mini_batch_size`` prompts (global; this rank's share is ``mini_batch_size / world``)."""
+        per_rank = self.update.mini_batch_size // self.trainer.world_size
+        rows = per_rank * self.sampling.n if per_rank else num_rows
+        minibatches = []
         for epoch in range(self.update.ppo_epochs):
             if self.update.shuffle:
-                generator = torch.Generator().manual_seed(self._seed(draw=1000 + epoch))
-                order = torch.randperm(n_seq, generator=generator).to(self.device)
+                generator = torch.Generator().manual_seed(self._seed("shuffle", self.global_step, epoch))
+                order = torch.randperm(num_rows, generator=generator)
             else:
-                order = torch.arange(n_seq, device=self.device)
-            for mini_idx in _chunks(n_seq, mini_seqs):
-                mini = order[mini_idx]
-                units_local = agg_units(rollout.response_mask[mini], self.loss.loss_agg)
-                units_global = self._sum_across_ranks(float(units_local))
-                optimizer.zero_grad(set_to_none=True)
-                finite = True
-                for micro_idx in _chunks(len(mini), self.update.micro_batch_size):
-                    idx = mini[micro_idx]
-                    mb = rollout.select(idx)
-                    logprob, entropy = self._logprobs(self.actor, mb, self.sampling.temperature)
-                    loss, loss_stats = self.loss(
-                        logprob,
-                        old_logprob[idx],
-                        None if ref_logprob is None else ref_logprob[idx],
-                        advantages[idx],
-                        entropy,
-                        mb.response_mask,
-                        norm_len=self.sampling.max_new_tokens,
-                    )
-                    micro_units = float(agg_units(mb.response_mask, self.loss.loss_agg))
-                    scale = micro_units / units_global * world if units_global > 0 else 0.0
-                    finite = finite and bool(torch.isfinite(loss))
-                    self.manual_backward(loss * scale)
-                    for key, value in loss_stats.items():
-                        sums[key] += value
-                    if epoch == 0 and micro_idx.start == 0 and mini_idx.start == 0:
-                        self._first_entropy = entropy.detach()
-                        self._first_entropy_rows = idx
-                    count += 1
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.actor.parameters(), self.optim.max_grad_norm)
-                if isinstance(grad_norm, DTensor):
-                    grad_norm = grad_norm.full_tensor()
-                sums["grad_norm_sum"] += float(grad_norm)
-                sums["optimizer_steps"] += 1
-                # One verdict for all ranks: a rank that stepped alone would leave the replicas apart.
-                finite = finite and bool(torch.isfinite(grad_norm))
-                if self._sum_across_ranks(float(finite)) == world:
-                    optimizer.step()
-                    scheduler.step()  # the schedule counts optimizer steps taken, not attempted
-                    self._nonfinite_in_a_row = 0
-                else:
-                    optimizer.zero_grad(set_to_none=True)
-                    self._nonfinite_in_a_row += 1
-                    self._nonfinite_total += 1
-                    self._check_nonfinite()
-        steps = sums.pop("optimizer_steps")
-        out = {k: v / count for k, v in sums.items() if k != "grad_norm_sum"}
-        out["grad_norm"] = sums["grad_norm_sum"] / steps
-        return out
+                order = torch.arange(num_rows)
+            minibatches += [order[part] for part in _chunks(num_rows, rows)]
+        return minibatches
+
+    def _update(self, rollout: RolloutBatch, old_logprob: Tensor, ref_logprob: Tensor | None, advantages: Tensor):
+        """``ppo_epochs`` passes over mini-batches, one optimizer step each.
+
+        Returns the loss statistics summed over the steps taken (a :class:`Ratio` per key, plus
+        ``grad_norm``) and the number of optimizer steps taken.
+        """
+        optimizer = self.optimizers()
+        minibatches = self._minibatches(rollout.num_sequences)
+        stats: dict[str, Ratio] = {}
+        taken = 0
+        nonfinite = False
+        for step, rows in enumerate(minibatches):
+            optimizer.zero_grad(set_to_none=True)
+            step_stats = self._accumulate_gradients(rollout, rows, old_logprob, ref_logprob, advantages, first=step == 0)
+            if step_stats is None:
+                self._counters["empty_steps"] += 1
+            elif step_stats["finite"]:
+                stats = {k: stats[k] + v for k, v in step_stats["stats"].items()} if stats else step_stats["stats"]
+                taken += 1
+            else:
+                nonfinite = True
+                self._counters["nonfinite_steps"] += 1
+            if step_stats is None or not step_stats["finite"]:
+                optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters without a gradient
+            # Lightning counts the RL step's last optimizer step as its one global step (module docstring).
+            (optimizer.step if step == len(minibatches) - 1 else optimizer.optimizer.step)()
+        optimizer.zero_grad(set_to_none=True)
+        self._nonfinite_in_a_row = self._nonfinite_in_a_row + 1 if nonfinite else 0
+        return stats, taken
+
+    def _accumulate_gradients(
+        self, rollout: RolloutBatch, rows: Tensor, old_logprob: Tensor, ref_logprob: Tensor | None,
+        advantages: Tensor, *, first: bool,
+    ) -> dict | None:
+        """Forward/backward over the micro-batches of one mini-batch (``rows``), then clip the gradient norm.
+
+        Returns None when the mini-batch has no valid token on any rank (nothing to learn: skip the
+        step), else ``{"finite": bool, "stats": {key: Ratio}}`` — ``finite`` is one verdict for all
+        ranks (a rank that stepped alone would leave the replicas apart).
+        """
+        mask = rollout.response_mask[rows].to(self.device)
+        if float(self.collectives.sum(mask.sum())) == 0:
+            return None
+        forward = {}
+        if self.loss.needs_minibatch_forward:  # the current policy's entropies over the whole mini-batch
+            logprob, entropy = self._logprobs_no_grad(self.actor, rollout, rows)
+            forward = {"logprob": logprob, "entropy": entropy, "advantages": advantages[rows]}
+        context = self.loss.minibatch_context(mask, self.collectives, **forward)
+        world = self.trainer.world_size
+        micro_batches = _chunks(len(rows), self.update.micro_batch_size)
+        stats: dict[str, Ratio] = {}
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        for j, part in enumerate(micro_batches):
+            idx = rows[part]
+            mb = self._micro_batch(rollout, idx)
+            r = mb.response_ids.shape[1]
+            with self._gradient_sync(j == len(micro_batches) - 1):
+                logprob, entropy = self._logprobs(self.actor, mb, self.sampling.temperature)
+                loss, loss_stats = self.loss(
+                    logprob,
+                    old_logprob[idx, :r],
+                    None if ref_logprob is None else ref_logprob[idx, :r],
+                    advantages[idx, :r],
+                    forward["entropy"][part, :r] if forward else entropy,
+                    mb.response_mask,
+                    norm_len=self.sampling.max_new_tokens,
+                    context=context,
+                )
+                # DDP and FSDP2 average gradients over ranks; the loss is already a share of the global mean.
+                self.manual_backward(loss * world)
+            finite &= torch.isfinite(loss)
+            stats = {k: stats[k] + v for k, v in loss_stats.items()} if stats else loss_stats
+            if first and j == 0:
+                self._first_entropy, self._first_entropy_rows = entropy.detach(), idx
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.actor.parameters(), self.optim.max_grad_norm)
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
+        finite &= torch.isfinite(grad_norm)
+        # The norm is global (the same on every rank): each rank adds 1/world of it and of one step.
+        stats["grad_norm"] = Ratio.of(grad_norm / world, 1.0 / world)
+        return {"finite": bool(self.collectives.min(finite.to(torch.float32)) > 0), "stats": stats}
+
+    @contextlib.contextmanager
+    def _gradient_sync(self, enabled: bool) -> Iterator[None]:
+        """Let the backward all-reduce (DDP) / reduce-scatter (FSDP2) gradients only when ``enabled``
+        (the last micro-batch of an optimizer step); earlier micro-batches accumulate locally."""
+        if enabled or self.trainer.world_size == 1:
+            yield
+        elif self.device_mesh is not None:  # FSDP2: unsharded gradients accumulate until the last micro-batch
+            self.actor.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.actor.set_requires_gradient_sync(True)
+        else:
+            with self.trainer.strategy.block_backward_sync():  # DDP's no_sync
+                yield
 
     def _check_nonfinite(self) -> None:
         limit = self.update.max_nonfinite_steps
         if self._nonfinite_in_a_row >= limit:
             raise FloatingPointError(
-                f"{self._nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient norm "
-                f"(update.max_nonfinite_steps = {limit}); stopping. The last checkpoint holds the weights "
-                "from before these steps."
+                f"{self._nonfinite_in_a_row} RL steps in a row had an optimizer step with a non-finite loss or "
+                f"gradient norm (update.max_nonfinite_steps = {limit}); stopping. Those steps were skipped: the "
+                "weights and the last checkpoint are from before them."
             )
 
-    def _sum_across_ranks(self, value: float) -> float:
-        if self.trainer.world_size == 1:
-            return value
-        tensor = torch.tensor(value, dtype=torch.float64, device=self.device)
-        return float(self.trainer.strategy.reduce(tensor, reduce_op="sum"))
-
-    def _keep_samples(self, rollout: RolloutBatch, scores: torch.Tensor) -> None:
+    def _keep_samples(self, rollout: RolloutBatch, scores: Tensor) -> None:
         """Keep a few responses with their per-token entropy (training forward, first micro-batch) for the token view."""
         entropy = getattr(self, "_first_entropy", None)
         if entropy is None or self.token_view_samples <= 0:
@@ -515,13 +614,15 @@ class ArcherModule(L.LightningModule):
         if not names:
             return
         self.actor.eval()
-        stats: dict = defaultdict(float)
         # A fixed seed per batch: successive validations of the same policy agree.
-        sampling = replace(self.val_sampling, seed=self._base_seed + 7919 * batch_idx + dataloader_idx)
-        scores = self._score(self._sample(batch, sampling), stats)
+        sampling = replace(self.val_sampling, seed=self._seed("val", dataloader_idx, batch_idx))
+        samples = self._sample(batch, sampling)
+        scores = torch.tensor(self.reward_runner.score(samples.texts, samples.rows).scores)
         correct = (scores >= 1.0).view(len(batch), self.val_sampling.n)
+        # Fillers only keep ranks in step (every rank runs as many batches); they are not prompts of the set.
+        counted = torch.tensor([not item.get(FILLER_KEY, False) for item in batch])
         for metric in self.val_metrics[names[dataloader_idx]].values():
-            metric.update(correct)
+            metric.update(correct[counted])
 
     def on_validation_epoch_end(self) -> None:
         for name, metrics in self.val_metrics.items():
@@ -549,14 +650,3 @@ def _fully_shard_decoder(model: torch.nn.Module, mesh, compute_dtype: str | None
 def _chunks(total: int, size: int) -> list[slice]:
     size = max(1, size)
     return [slice(i, min(i + size, total)) for i in range(0, total, size)]
-
-
-def _informative_groups(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """``[G]`` bool: groups whose rewards are not all equal (all-equal groups have zero advantage)."""
-    groups = scores.view(-1, n)
-    return (groups.max(-1).values - groups.min(-1).values) > 0
-
-
-def _solve_rate(scores: torch.Tensor, n: int) -> float:
-    """Fraction of prompts with at least one correct sample."""
-    return (scores.view(-1, n) >= 1.0).any(-1).float().mean().item()

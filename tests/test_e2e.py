@@ -75,3 +75,13 @@ def test_quickstart_with_vllm_rollouts_syncs_weights(tmp_path, tiny_model_dir, m
     # (float32 tiny model: measured at most 2.4e-7 over a 300-step run with the callback; without
     # it, a stale engine was off by 0.15, 0.23, 0.26 at steps 1-3)
     assert (train["rollout/logprob_diff"] < 1e-2).all(), train["rollout/logprob_diff"].tolist()
+
+
+def test_a_data_source_without_a_reward_route_stops_the_run_at_start(tmp_path, tiny_model_dir, monkeypatch):
+    """RoutedReward knows only "math": the synthetic task's rows (data_source "digit_copy") must stop
+    the run in setup, not score 0 for the whole run."""
+    monkeypatch.chdir(tmp_path)
+    reward = '{"class_path": "archer.rewards.RoutedReward", "init_args": {"routes": {"math": {"class_path": "archer.rewards.MathReward"}}}}'
+    with pytest.raises(ValueError, match="digit_copy"):
+        main(["fit", "--config", QUICKSTART, f"--model.model_path={tiny_model_dir}", f"--model.reward={reward}",
+              "--trainer.max_steps=1"])

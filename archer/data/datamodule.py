@@ -25,8 +25,10 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from archer.data.rows import RowFields, read_rows
+from archer.data.shard import RankShard
 from archer.data.stream import STREAM_INDEX_KEY, PromptStream
 from archer.data.tasks import SyntheticTask
+from archer.data.template import apply_prompt_template, check_template
 
 __all__ = ["PromptDataModule", "render_prompt"]
 
@@ -44,14 +46,17 @@ def render_prompt(
     *,
     apply_chat_template: bool,
     system_prompt: str | None,
+    prompt_template: str | None = None,
 ) -> tuple[str, list[int]]:
     """The text the policy sees for ``prompt`` and its token ids.
 
+    ``prompt_template`` (see :mod:`archer.data.template`) is applied to the problem text first.
     With the chat template, a string prompt is one user message; ``system_prompt`` is put first
     unless the messages already start with a system message; the generation prompt (assistant
     header) is appended. The template writes the special tokens itself, so the tokenizer adds
     none. Without it, a string prompt is tokenized as is (with the tokenizer's own BOS, if any).
     """
+    prompt = apply_prompt_template(prompt, prompt_template)
     if not apply_chat_template:
         if not isinstance(prompt, str):
             raise ValueError("a prompt given as chat messages needs apply_chat_template=True")
@@ -77,6 +82,8 @@ class PromptDataModule(L.LightningDataModule):
         prompt_key: str = "prompt",
         answer_key: str = "answer",
         tests_key: str = "tests",
+        data_source_key: str = "data_source",
+        prompt_template: str | None = None,
         batch_size: int = 16,
         val_batch_size: int = 64,
         max_prompt_length: int = 1024,
@@ -89,15 +96,21 @@ class PromptDataModule(L.LightningDataModule):
         """
         Args:
             tokenizer_path: Folder (or hub-style local path) of the tokenizer; usually the model's path.
-            train_files: Local ``.jsonl``/``.parquet`` files of train prompts, read in order and concatenated.
+            train_files: Local data files of train prompts, read in order and concatenated: ``.jsonl``,
+                ``.json`` (array or lines), ``.parquet``, ``.arrow`` or a ``save_to_disk`` folder.
             val_files: Val data sets, name -> file; each is evaluated and logged under its own name.
             task: Synthetic task that generates the train rows in memory (instead of ``train_files``)
                 and, when ``val_size > 0``, a val set named after its ``data_source``.
             train_size: Train rows generated from ``task`` (seed ``seed``).
             val_size: Val rows generated from ``task`` (seed ``seed + 1``); 0 for none.
-            prompt_key: Field of a file row holding the prompt (string or list of chat messages).
-            answer_key: Field of a file row holding the reference answer.
-            tests_key: Optional field of a file row holding test cases (code tasks).
+            prompt_key: Field of a file row holding the prompt (string or list of chat messages); a
+                dotted path reaches into nested fields (``extra_info.question``).
+            answer_key: Field of a file row holding the reference answer (verl: ``reward_model.ground_truth``).
+            tests_key: Optional field(s) of a file row holding test cases (code tasks); comma-separated
+                names are concatenated (LiveCodeBench: ``public_test_cases,private_test_cases``).
+            data_source_key: Field naming each row's source (rewards route on it); default the file's stem.
+            prompt_template: Text around each problem, with one ``{prompt}`` placeholder (e.g.
+                ``archer.data.template.R1_MATH_TEMPLATE``); None uses the problem as it is.
             batch_size: Prompts per RL step, GLOBAL across data-parallel ranks (each rank gets
                 ``batch_size // world_size``; must divide evenly).
             val_batch_size: Prompts per val batch on each rank.
@@ -116,6 +129,8 @@ class PromptDataModule(L.LightningDataModule):
             raise ValueError("give either train_files or task for the train data, not both")
         if system_prompt is not None and not apply_chat_template:
             raise ValueError("system_prompt needs apply_chat_template=True")
+        if prompt_template is not None:
+            check_template(prompt_template)
         for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size),
                             ("max_prompt_length", max_prompt_length), ("train_size", train_size)):
             if value < 1:
@@ -128,7 +143,8 @@ class PromptDataModule(L.LightningDataModule):
         self.task = task
         self.train_size = train_size
         self.val_size = val_size
-        self.fields = RowFields(prompt=prompt_key, answer=answer_key, tests=tests_key)
+        self.fields = RowFields(prompt=prompt_key, answer=answer_key, tests=tests_key, data_source=data_source_key)
+        self.prompt_template = prompt_template
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
         self.max_prompt_length = max_prompt_length
@@ -168,6 +184,7 @@ class PromptDataModule(L.LightningDataModule):
             text, ids = render_prompt(
                 row["prompt"], self.tokenizer,
                 apply_chat_template=self.apply_chat_template, system_prompt=self.system_prompt,
+                prompt_template=self.prompt_template,
             )
             if len(ids) > self.max_prompt_length:
                 too_long += 1
@@ -243,9 +260,13 @@ class PromptDataModule(L.LightningDataModule):
         return DataLoader(self.stream, batch_size=None, num_workers=0, collate_fn=_as_list)
 
     def val_dataloader(self) -> list[DataLoader]:
+        """One loader per val set, over this rank's share: every prompt counted once on any number of
+        ranks (:class:`~archer.data.shard.RankShard`; fillers pad the ranks and are not counted)."""
         self.setup()
+        rank, world_size = self._rank_and_world_size()
         return [
-            DataLoader(self.val_items[name], batch_size=self.val_batch_size, shuffle=False, collate_fn=_as_list)
+            DataLoader(RankShard(self.val_items[name], self.val_batch_size, rank=rank, world_size=world_size),
+                       batch_size=None, collate_fn=_as_list)
             for name in self.val_dataset_names
         ]
 

@@ -1,25 +1,32 @@
-"""Read prompt rows from local JSONL / Parquet files and validate them.
+"""Read prompt rows from local data files and validate them.
 
-A row becomes ``{"prompt": str | list[message], "answer": str, "tests": ... (when present),
-"data_source": str, **other fields}`` whatever the field names in the file are. A bad row
-(broken JSON, a missing field, a wrong type, an empty prompt) raises ``BadRowError`` naming
-``file:line:field``, or — with ``skip_bad_rows=True`` — is skipped and counted. Lines are numbered
-from 1: the JSONL line, or the row number within a Parquet file.
+A row becomes ``{"prompt": str | list[message], "answer": str (when present), "tests": list
+(code rows), "data_source": str, **other fields}`` whatever the field names in the file are.
+Field names are dotted paths into nested records: verl-style rows use
+``answer: reward_model.ground_truth``, and a path may step into a JSON-object string
+(LiveCodeBench's ``metadata.func_name``, where ``metadata`` is a JSON string). ``tests`` may name
+several fields, whose test lists are concatenated (LiveCodeBench's
+``public_test_cases,private_test_cases``); tests in any format of
+:func:`archer.rewards.code_tests.normalize_tests` (LiveCodeBench, TACO/APPS, compressed) become
+Archer's test dicts. A row needs an answer, or tests, or both.
+
+A bad row (broken JSON, a missing field, a wrong type, an empty prompt, unreadable tests) raises
+``BadRowError`` naming ``file:line:field``, or — with ``skip_bad_rows=True`` — is skipped and
+counted. Records are numbered from 1 as :mod:`archer.data.formats` describes (the JSONL line, the
+JSON array element, the Parquet/Arrow row).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BadRowError", "RowFields", "ReadResult", "read_rows", "validate_row"]
+from archer.data.formats import iter_records
+from archer.rewards.code_tests import normalize_tests
 
-JSONL_SUFFIXES = (".jsonl", ".json")
-PARQUET_SUFFIXES = (".parquet",)
-
+__all__ = ["BadRowError", "RowFields", "ReadResult", "read_rows", "validate_row", "lookup"]
 
 class BadRowError(ValueError):
     """A row that cannot be used; ``str()`` starts with ``file:line:field``."""
@@ -34,14 +41,27 @@ class BadRowError(ValueError):
 
 @dataclass(frozen=True)
 class RowFields:
-    """Which fields of a source row hold the prompt, the answer and the (optional) tests."""
+    """Which fields (dotted paths) of a source row hold the prompt, answer, tests and source name."""
 
     prompt: str = "prompt"
     """Field with the prompt: a non-empty string or a non-empty list of ``{"role", "content"}`` messages."""
     answer: str = "answer"
-    """Field with the reference answer (a string; an integer is turned into its decimal string)."""
-    tests: str = "tests"
-    """Optional field with test cases for code tasks (a list, dict or string); absent or null means none."""
+    """Field with the reference answer (a string; an integer is turned into its decimal string);
+    may be absent in rows that have tests."""
+    tests: str | tuple[str, ...] = "tests"
+    """Field(s) with test cases for code tasks, concatenated in order; absent or null means none.
+    A comma-separated string names several."""
+    data_source: str = "data_source"
+    """Field naming the row's source (what a ``RoutedReward`` routes on); default: the file's stem."""
+    fn_name: str = "metadata.func_name"
+    """Field naming the function LiveCodeBench functional tests call when the tests name none."""
+
+    @property
+    def tests_paths(self) -> tuple[str, ...]:
+        """The tests field(s) as a tuple of paths."""
+        if isinstance(self.tests, str):
+            return tuple(path.strip() for path in self.tests.split(",") if path.strip())
+        return tuple(self.tests)
 
 
 @dataclass
@@ -52,6 +72,27 @@ class ReadResult:
     """Validated rows in file order."""
     num_skipped: int
     """Bad rows skipped (only nonzero with ``skip_bad_rows=True``)."""
+
+
+def lookup(record: Any, path: str) -> Any:
+    """The value at dotted ``path`` in ``record``; None when it is absent.
+
+    A key holding a literal dot is found as is; otherwise each step enters a dict, or a string
+    holding a JSON object.
+    """
+    if isinstance(record, dict) and path in record:
+        return record[path]
+    value = record
+    for key in path.split("."):
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                return None
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
 
 
 def _validate_prompt(prompt: Any, where: tuple[str, int, str]) -> str | list[dict[str, str]]:
@@ -70,72 +111,68 @@ def _validate_prompt(prompt: Any, where: tuple[str, int, str]) -> str | list[dic
                     raise BadRowError(*where, f"message {i} needs a string {key!r}")
         if not any(message["content"].strip() for message in prompt):
             raise BadRowError(*where, "every message is empty")
-        return prompt
+        return [{"role": message["role"], "content": message["content"]} for message in prompt]
     raise BadRowError(*where, f"is {type(prompt).__name__}, expected a string or a list of messages")
+
+
+def _tests(record: dict, fields: RowFields, file: str, line: int) -> list[dict] | None:
+    """The row's tests as Archer test dicts, concatenated over the tests fields; None if it has none."""
+    fn_name = lookup(record, fields.fn_name)
+    tests, found = [], False
+    for path in fields.tests_paths:
+        value = lookup(record, path)
+        if value is None:
+            continue
+        if not isinstance(value, (list, dict, str)):
+            raise BadRowError(file, line, path, f"is {type(value).__name__}, expected a list, dict or string")
+        try:
+            tests.extend(normalize_tests(value, fn_name=fn_name if isinstance(fn_name, str) else None))
+        except ValueError as error:
+            raise BadRowError(file, line, path, str(error)) from error
+        found = True
+    return tests if found else None
 
 
 def validate_row(record: Any, fields: RowFields, file: str, line: int) -> dict[str, Any]:
     """Turn one source record into a row with canonical keys, or raise ``BadRowError``.
 
-    The canonical ``prompt``/``answer``/``tests`` keys replace the source's field names; the
-    other fields are kept; ``data_source`` defaults to the file's stem.
+    The canonical ``prompt``/``answer``/``tests``/``data_source`` keys replace the top-level
+    source fields they were read from; the other fields are kept; ``data_source`` defaults to the
+    file's stem.
     """
     if not isinstance(record, dict):
         raise BadRowError(file, line, "<row>", f"is {type(record).__name__}, expected a JSON object")
-    for key in (fields.prompt, fields.answer):
-        if key not in record or record[key] is None:
-            raise BadRowError(file, line, key, "missing")
-    prompt = _validate_prompt(record[fields.prompt], (file, line, fields.prompt))
-    answer = record[fields.answer]
+    prompt = lookup(record, fields.prompt)
+    if prompt is None:
+        raise BadRowError(file, line, fields.prompt, "missing")
+    prompt = _validate_prompt(prompt, (file, line, fields.prompt))
+    tests = _tests(record, fields, file, line)
+    answer = lookup(record, fields.answer)
     # JSON writers often store numeric answers as numbers; an integer has one exact spelling.
     if isinstance(answer, int) and not isinstance(answer, bool):
         answer = str(answer)
-    if not isinstance(answer, str):
+    if answer is None and tests is None:
+        raise BadRowError(file, line, fields.answer, "missing (a row needs an answer or tests)")
+    if answer is not None and not isinstance(answer, str):
         raise BadRowError(file, line, fields.answer, f"is {type(answer).__name__}, expected a string")
-    tests = record.get(fields.tests)
-    if tests is not None and not isinstance(tests, (list, dict, str)):
-        raise BadRowError(file, line, fields.tests, f"is {type(tests).__name__}, expected a list, dict or string")
-    row = {k: v for k, v in record.items() if k not in (fields.prompt, fields.answer, fields.tests)}
-    row.update(prompt=prompt, answer=answer)
+    data_source = lookup(record, fields.data_source)
+    if data_source is not None and not isinstance(data_source, str):
+        raise BadRowError(file, line, fields.data_source, f"is {type(data_source).__name__}, expected a string")
+    consumed = {fields.prompt, fields.answer, fields.data_source, *fields.tests_paths}
+    row = {k: v for k, v in record.items() if k not in consumed}
+    row["prompt"] = prompt
+    if answer is not None:
+        row["answer"] = answer
     if tests is not None:
         row["tests"] = tests
-    row.setdefault("data_source", Path(file).stem)
+    row["data_source"] = data_source if data_source else Path(file).stem
     return row
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    """``(line number, record, error)`` for each non-blank line; ``error`` set when the JSON is broken."""
-    with path.open(encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                yield number, json.loads(text), None
-            except json.JSONDecodeError as e:
-                yield number, None, f"broken JSON: {e.msg} at column {e.colno}"
-
-
-def _parquet_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    import pyarrow.parquet as pq
-
-    for number, record in enumerate(pq.read_table(path).to_pylist(), start=1):
-        yield number, record, None
-
-
 def read_rows(path: str | Path, fields: RowFields = RowFields(), *, skip_bad_rows: bool = False) -> ReadResult:
-    """Read and validate every row of a ``.jsonl``/``.json`` (one object per line) or ``.parquet`` file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix in JSONL_SUFFIXES:
-        records = _jsonl_records(path)
-    elif suffix in PARQUET_SUFFIXES:
-        records = _parquet_records(path)
-    else:
-        raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {JSONL_SUFFIXES + PARQUET_SUFFIXES}")
+    """Read and validate every row of a data file or ``save_to_disk`` folder (:mod:`archer.data.formats`)."""
     rows, num_skipped = [], 0
-    for line, record, error in records:
+    for line, record, error in iter_records(path):
         try:
             if error is not None:
                 raise BadRowError(str(path), line, "<json>", error)

@@ -13,7 +13,10 @@ Test case formats (``row["tests"]`` is a list of these dicts, or a JSON string o
   "output": "[0, 1]"}`` — ``input`` holds one JSON value per line, the positional arguments;
   the harness calls ``Solution().fn_name(*args)`` if the program defines ``class Solution``,
   else the top-level function ``fn_name``, and prints the JSON of the result, which must equal
-  ``json.loads(output)``.
+  ``json.loads(output)`` or one of the optional ``"alt_outputs"`` (JSON strings).
+
+Data sets' own formats (LiveCodeBench, TACO/APPS, compressed private tests) are turned into these
+by :func:`archer.rewards.code_tests.normalize_tests`, which :func:`parse_tests` applies.
 
 Each test case is a separate sandboxed run (:func:`archer.rewards.sandbox.run_program`); up to
 ``num_workers`` run at once.
@@ -29,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
+from archer.rewards.code_tests import normalize_tests
+from archer.rewards.reasoning import DEFAULT_THINK_END, after_thinking
 from archer.rewards.sandbox import RunResult, SandboxLimits, isolation_mode, run_program
 
 TestStatus = Literal["ok", "failed", "error", "timeout", "memory", "output_limit", "sandbox_error", "no_tests"]
@@ -72,21 +77,10 @@ def extract_code(response: str) -> str:
     return blocks[-1] if blocks else response
 
 
-def parse_tests(tests: list[dict] | str) -> list[dict]:
-    """``tests`` as a list of test dicts; a JSON string is decoded. Raises ValueError on bad shape."""
-    if isinstance(tests, str):
-        try:
-            tests = json.loads(tests)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"tests: not valid JSON ({error})") from error
-    if not isinstance(tests, list):
-        raise ValueError(f"tests: expected a list of dicts, got {type(tests).__name__}")
-    for index, test in enumerate(tests):
-        if not isinstance(test, dict) or not ({"assert"} <= test.keys() or {"input", "output"} <= test.keys()):
-            raise ValueError(
-                f"tests[{index}]: expected {{'input', 'output'}} (optionally 'fn_name') or {{'assert'}}, got {test!r:.200}"
-            )
-    return tests
+def parse_tests(tests: list[dict] | dict | str) -> list[dict]:
+    """``tests`` as a list of test dicts, from any format :func:`normalize_tests` reads. Raises
+    ValueError on a bad shape."""
+    return normalize_tests(tests)
 
 
 def _run_one(code: str, test: dict, limits: SandboxLimits) -> tuple[TestStatus, RunResult]:
@@ -109,7 +103,8 @@ def _run_one(code: str, test: dict, limits: SandboxLimits) -> tuple[TestStatus, 
             got = json.loads(run.stdout[marker + len(token) :].strip().splitlines()[0])
         except (ValueError, IndexError):  # the program wrote over the harness line
             return "failed", run
-        return ("ok" if got == json.loads(test["output"]) else "failed"), run
+        accepted = [json.loads(output) for output in (test["output"], *test.get("alt_outputs", ()))]
+        return ("ok" if got in accepted else "failed"), run
     run = run_program(code, test["input"], limits)
     if run.status != "ok":
         return run.status, run
@@ -157,7 +152,7 @@ def run_tests(
 
 
 class CodeReward:
-    """Runs ``row["tests"]`` against the code in the response.
+    """Runs the row's tests against the code in the response (after the reasoning block).
 
     Args:
         mode: ``"all"``: 1.0 iff every test passes; ``"fraction"``: passed / total.
@@ -165,10 +160,20 @@ class CodeReward:
             ``ceil(len(tests) / num_workers) * timeout_s``; give RewardRunner more).
         memory_mb: address-space limit per process, MiB.
         num_workers: test cases of one response run concurrently.
+        think_end: end-of-thinking marker: code is taken only from the text after its last
+            occurrence (the whole response when it is absent); None: always the whole response.
+        tests_key: row key holding the tests, in any format :func:`parse_tests` reads (``answer``
+            for a verl-style file whose ``reward_model.ground_truth`` holds the tests of its code rows).
     """
 
     def __init__(
-        self, mode: Literal["all", "fraction"] = "all", timeout_s: float = 5.0, memory_mb: int = 512, num_workers: int = 2
+        self,
+        mode: Literal["all", "fraction"] = "all",
+        timeout_s: float = 5.0,
+        memory_mb: int = 512,
+        num_workers: int = 2,
+        think_end: str | None = DEFAULT_THINK_END,
+        tests_key: str = "tests",
     ) -> None:
         if mode not in ("all", "fraction"):
             raise ValueError(f"CodeReward mode must be 'all' or 'fraction', got {mode!r}")
@@ -176,6 +181,8 @@ class CodeReward:
         self.timeout_s = timeout_s
         self.memory_mb = memory_mb
         self.num_workers = num_workers
+        self.think_end = think_end
+        self.tests_key = tests_key
         if isolation_mode() == "none":
             warnings.warn(
                 "archer.rewards: neither root nor unprivileged user namespaces are available; generated code runs "
@@ -184,11 +191,11 @@ class CodeReward:
             )
 
     def __call__(self, response: str, row: dict) -> float:
-        if "tests" not in row:
-            raise KeyError(f"CodeReward needs row['tests']; the row has keys {sorted(row)}")
+        if self.tests_key not in row:
+            raise KeyError(f"CodeReward needs row[{self.tests_key!r}]; the row has keys {sorted(row)}")
         result = run_tests(
-            extract_code(response),
-            row["tests"],
+            extract_code(after_thinking(response, self.think_end)),
+            row[self.tests_key],
             timeout_s=self.timeout_s,
             memory_mb=self.memory_mb,
             num_workers=self.num_workers,

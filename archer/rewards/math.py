@@ -15,6 +15,10 @@ as letters, and ``1,000``-style thousands separators are removed first. Answers 
 ``max_answer_chars`` or nesting braces deeper than ``max_brace_depth`` score 0 without being
 parsed, and ``timeout_s`` bounds the rest (in the main thread; elsewhere run it under
 :class:`archer.rewards.RewardRunner`).
+
+:class:`MathReward` first keeps only the text after the end-of-thinking marker
+(:func:`archer.rewards.reasoning.after_thinking`), and gives :meth:`MathReward.extract_answer`,
+the normalised answer string ``archer eval`` votes on for maj@k.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import threading
 from collections.abc import Iterator
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+from archer.rewards.reasoning import DEFAULT_THINK_END, after_thinking
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _ANSWER_PHRASE = re.compile(r"(?:answer is|answer:)\s*:?\s*(.+?)\s*(?:\.\s|\.?$|\n)", re.IGNORECASE)
@@ -78,6 +84,16 @@ def _brace_depth(text: str) -> int:
         elif character == "}":
             depth -= 1
     return deepest
+
+
+def extract_answer(response: str, *, fallback: bool = True, max_chars: int = 4096) -> str | None:
+    """The final answer of ``response`` (steps 1-3 of the module docstring, last ``max_chars``
+    characters only), or None when there is none."""
+    tail = response[-max_chars:]
+    answer = last_boxed(tail)
+    if answer is None and fallback:
+        answer = fallback_answer(tail)
+    return answer
 
 
 def _normalize(answer: str) -> str:
@@ -135,10 +151,7 @@ def score(
         max_brace_depth: an answer nesting ``{`` deeper than this scores 0 unparsed (sympy can
             take seconds on deep nests; real answers rarely go past 4).
     """
-    tail = response[-max_chars:]
-    answer = last_boxed(tail)
-    if answer is None and fallback:
-        answer = fallback_answer(tail)
+    answer = extract_answer(response, fallback=fallback, max_chars=max_chars)
     if answer is None or len(answer) > max_answer_chars or _brace_depth(answer) > max_brace_depth:
         return 0.0
     gold, predicted = _normalize(str(ground_truth)), _normalize(answer)
@@ -155,20 +168,34 @@ def score(
 
 
 class MathReward:
-    """:func:`score` of the response against ``row["answer"]``.
+    """:func:`score` of the response (after the reasoning block) against ``row["answer"]``.
 
     Args:
         timeout_s: time limit per call (parsing + verification).
         fallback: accept "the answer is X" / the last number when there is no ``\\boxed{}``.
         max_chars: only the tail of this many characters of a response is searched.
+        think_end: end-of-thinking marker: only the text after its last occurrence is graded
+            (the whole response when it is absent); None grades the whole response always.
     """
 
-    def __init__(self, timeout_s: float = 5.0, fallback: bool = True, max_chars: int = 4096) -> None:
+    def __init__(
+        self, timeout_s: float = 5.0, fallback: bool = True, max_chars: int = 4096, think_end: str | None = DEFAULT_THINK_END
+    ) -> None:
         self.timeout_s = timeout_s
         self.fallback = fallback
         self.max_chars = max_chars
+        self.think_end = think_end
 
     def __call__(self, response: str, row: dict) -> float:
         if "answer" not in row:
             raise KeyError(f"MathReward needs row['answer']; the row has keys {sorted(row)}")
-        return score(response, row["answer"], timeout_s=self.timeout_s, fallback=self.fallback, max_chars=self.max_chars)
+        return score(
+            after_thinking(response, self.think_end), row["answer"],
+            timeout_s=self.timeout_s, fallback=self.fallback, max_chars=self.max_chars,
+        )
+
+    def extract_answer(self, response: str, row: dict) -> str | None:
+        """The answer this reward would grade, normalised (``$`` and thousands separators
+        removed), for majority voting; None when the response has none."""
+        answer = extract_answer(after_thinking(response, self.think_end), fallback=self.fallback, max_chars=self.max_chars)
+        return None if answer is None else _normalize(answer)

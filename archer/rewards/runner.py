@@ -4,6 +4,8 @@ A reward is arbitrary code (math-verify's sympy can spin for minutes in C; a bug
 ``while True: pass``), so it runs in worker processes: ``num_workers`` long-lived processes, each
 fed one (response, row) at a time over a pipe. When one does not answer within ``timeout_s`` it
 is SIGKILLed and replaced, the item scores 0 and counts as a timeout, and the batch goes on.
+A reward that raises, or returns anything but a finite number (NaN, inf, a string), scores 0 and
+counts as an error with its message: one NaN would otherwise make its whole group's advantages NaN.
 
 Start method: ``"fork"`` by default (Linux). Forking is fast and needs no pickling of the
 reward, and the child only runs the reward loop, never torch; but a fork copies only the
@@ -15,6 +17,7 @@ or ``"spawn"`` avoid the issue at the price of a slower start and a picklable re
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import multiprocessing.connection
 import time
@@ -33,11 +36,31 @@ class RewardResult:
     scores: list[float]
     """One score per response, in input order; 0.0 for errors and timeouts."""
     num_errors: int = 0
-    """Responses whose reward raised (or whose worker died)."""
+    """Responses whose reward raised, returned a non-finite or non-numeric value, or whose worker died."""
     num_timeouts: int = 0
     """Responses whose reward did not finish within ``timeout_s``."""
     errors: list[str] = field(default_factory=list)
     """The first few error messages, for logs."""
+
+    def __add__(self, other: RewardResult) -> RewardResult:
+        """Both batches' scores and counts, in order (error messages capped as in one batch)."""
+        return RewardResult(
+            scores=self.scores + other.scores,
+            num_errors=self.num_errors + other.num_errors,
+            num_timeouts=self.num_timeouts + other.num_timeouts,
+            errors=(self.errors + other.errors)[: RewardRunner.MAX_KEPT_ERRORS],
+        )
+
+
+def _as_score(value: object) -> float:
+    """A reward's return value as a finite float, or ``ValueError``: a NaN, an infinity or a string
+    that slipped through ``float()`` would poison its whole group's advantages, or train on a typo."""
+    if isinstance(value, (str, bytes)) or not hasattr(type(value), "__float__"):
+        raise ValueError(f"reward returned {type(value).__name__} {value!r:.80}, expected a number")
+    score = float(value)
+    if not math.isfinite(score):
+        raise ValueError(f"reward returned {score}, expected a finite number")
+    return score
 
 
 def _worker_loop(
@@ -54,7 +77,7 @@ def _worker_loop(
         except EOFError:  # the runner closed its end
             return
         try:
-            connection.send((True, float(reward(response, row))))
+            connection.send((True, _as_score(reward(response, row))))
         except Exception as error:  # noqa: BLE001 - a failing reward is data, reported to the parent
             connection.send((False, f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}"))
 
@@ -84,7 +107,8 @@ class RewardRunner:
         start_method: multiprocessing start method (module docstring explains the default).
     """
 
-    _MAX_KEPT_ERRORS = 8
+    MAX_KEPT_ERRORS = 8
+    """Error messages kept per batch."""
 
     def __init__(
         self,
@@ -114,7 +138,7 @@ class RewardRunner:
 
         def record_error(message: str) -> None:
             result.num_errors += 1
-            if len(result.errors) < self._MAX_KEPT_ERRORS:
+            if len(result.errors) < self.MAX_KEPT_ERRORS:
                 result.errors.append(message)
 
         while pending or busy:

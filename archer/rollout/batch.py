@@ -42,6 +42,24 @@ class RolloutBatch:
             values[f.name] = value[index] if isinstance(value, torch.Tensor) else value
         return RolloutBatch(**values)
 
+    def trimmed(self) -> RolloutBatch:
+        """The same rows without the columns that are padding in every one of them: prompt columns
+        left of the longest prompt, response columns right of the longest response (one kept at
+        least). A micro-batch is then padded to its own longest sequence, not the whole batch's."""
+        p = int(self.attention_mask[:, : self.prompt_len].sum(-1).max())
+        r = max(1, int(self.response_mask.sum(-1).max()))
+        columns = slice(self.prompt_len - p, self.prompt_len + r)
+        values = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("input_ids", "attention_mask", "position_ids"):
+                value = value[:, columns]
+            elif isinstance(value, torch.Tensor) and value.dim() == 2:  # response-aligned [N, R]
+                value = value[:, :r]
+            values[f.name] = value
+        values["prompt_len"] = p
+        return RolloutBatch(**values)
+
     def to(self, device: torch.device) -> RolloutBatch:
         values = {}
         for f in fields(self):

@@ -132,9 +132,10 @@ class VLLMEngine:
         self.last_load_seconds: float | None = None
         """Wall time of the latest ``load_weights`` (reload + prefix-cache reset)."""
 
-    def setup(self, actor: nn.Module, tokenizer, model_path: str) -> None:
+    def setup(self, actor: nn.Module | None, tokenizer, model_path: str) -> None:
         """Start the engine from the HF folder, then push the actor's current weights once, so the
-        engine and the actor agree from step 0 even if the actor was changed after loading."""
+        engine and the actor agree from step 0 even if the actor was changed after loading.
+        ``actor=None`` (evaluating a saved model folder) skips the push."""
         vllm = _import_vllm()
         if self.llm is not None:
             raise RuntimeError("VLLMEngine.setup called twice; the engine is built once and refreshed in place")
@@ -161,7 +162,8 @@ class VLLMEngine:
         self.llm = vllm.LLM(**kwargs)
         torch.set_num_threads(threads)  # vLLM's CPU worker drops this process to 1 thread
         _quiet_per_step_logs()
-        self.load_weights(named_full_tensors(actor))
+        if actor is not None:
+            self.load_weights(named_full_tensors(actor))
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy ``(hf_name, tensor)`` pairs into the running engine in place, then reset the prefix

@@ -92,11 +92,11 @@ def test_bad_rows_raise_with_location_or_are_skipped_and_counted(tmp_path, token
 
 
 def test_custom_keys_and_answer_reach_the_row(tmp_path, tokenizer_path):
-    train = write_jsonl(tmp_path / "t.jsonl", [{"q": "a", "sol": 5, "unit": ["assert f()"]}])
+    train = write_jsonl(tmp_path / "t.jsonl", [{"q": "a", "sol": 5, "unit": [{"assert": "assert f()"}]}])
     dm = PromptDataModule(tokenizer_path, train_files=[train], batch_size=1, prompt_key="q", answer_key="sol",
                           tests_key="unit")
     dm.setup()
-    assert dm.train_items[0]["row"] == {"prompt": "a", "answer": "5", "tests": ["assert f()"], "data_source": "t"}
+    assert dm.train_items[0]["row"] == {"prompt": "a", "answer": "5", "tests": [{"assert": "assert f()"}], "data_source": "t"}
 
 
 def make_items(n):

@@ -49,10 +49,10 @@ def test_skip_bad_rows_counts_every_bad_row(tmp_path):
 
 
 def test_custom_field_names_become_canonical_keys_and_extra_fields_are_kept(tmp_path):
-    record = {"question": [{"role": "user", "content": "hi"}], "solution": "x", "cases": ["assert 1"], "id": 7}
+    record = {"question": [{"role": "user", "content": "hi"}], "solution": "x", "cases": [{"assert": "assert 1"}], "id": 7}
     path = write_lines(tmp_path / "code.jsonl", [json.dumps(record)])
     rows = read_rows(path, RowFields(prompt="question", answer="solution", tests="cases")).rows
-    expected = {"prompt": record["question"], "answer": "x", "tests": ["assert 1"], "id": 7, "data_source": "code"}
+    expected = {"prompt": record["question"], "answer": "x", "tests": [{"assert": "assert 1"}], "id": 7, "data_source": "code"}
     assert rows == [expected]
 
 

@@ -23,12 +23,10 @@ import torch
 import torch.distributed as dist
 
 from archer.data.tasks import DigitCopyTask
+from archer.losses import ArcherLoss
 from archer.rollout import HFEngine
 from archer.rollout.base import Completion, SamplingConfig
-
-
-RANK_SEED_STRIDE = 10_007
-"""The rank's coefficient in ``ArcherModule._seed``."""
+from archer.seeding import derive_seed, rank_seed
 
 
 def _rank() -> int:
@@ -57,9 +55,9 @@ class RecordingHFEngine(HFEngine):
         if self.seed_by_prompt:
             groups = []
             for prompt in prompt_token_ids:
-                # ArcherModule._seed adds RANK_SEED_STRIDE * rank to the (base seed, step, draw) part.
-                step_seed = sampling.seed - RANK_SEED_STRIDE * _rank()
-                seed = (zlib.crc32(str(prompt).encode()) + step_seed) % 2**31
+                # ArcherModule._seed makes the draw's seed rank-specific with rank_seed (an involution).
+                step_seed = rank_seed(sampling.seed, _rank())
+                seed = derive_seed(zlib.crc32(str(prompt).encode()), step_seed)
                 groups += super().generate([prompt], replace(sampling, seed=seed))
         else:
             groups = super().generate(prompt_token_ids, sampling)
@@ -77,30 +75,70 @@ class RecordingHFEngine(HFEngine):
         return groups
 
 
-class NaNAfterMarkerReward(DigitCopyTask):
-    """``DigitCopyTask``'s score, but NaN once the file ``marker`` exists (a reward bug appearing mid-run).
+class NaNLossOnCalls(ArcherLoss):
+    """``ArcherLoss`` whose loss is NaN on the given 0-based calls in this process (a numerical fault
+    in the middle of an RL step: fp16 overflow, a bad kernel). The backward then makes the gradients
+    NaN for real, and the trainer must skip that optimizer step.
 
     Args:
-        marker: Path of the file whose existence switches the reward to NaN.
+        calls: Which calls (micro-batches, counted from 0 in this process) return NaN.
+        kwargs: ``ArcherLoss`` settings.
     """
 
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
+    def __init__(self, calls: list[int], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.calls = set(calls)
+        self.count = 0
+
+    def __call__(self, *args, **kwargs):
+        loss, stats = super().__call__(*args, **kwargs)
+        self.count += 1
+        return (loss * math.nan if self.count - 1 in self.calls else loss), stats
+
+
+class ConstantReward:
+    """Scores every response ``value``: every group is all-equal, so dynamic sampling drops them all.
+
+    Args:
+        value: The score.
+    """
+
+    def __init__(self, value: float = 0.0) -> None:
+        self.value = value
 
     def __call__(self, response: str, row: dict) -> float:
-        return math.nan if os.path.exists(self.marker) else self.score(response, row)
+        return self.value
 
 
-class TouchFileAtStep(L.Callback):
-    """Creates ``path`` once ``trainer.global_step`` reaches ``step`` (after that step's checkpoint)."""
+class TextReward:
+    """Returns the answer as text (not a number): a reward bug the runner must count as an error."""
 
-    def __init__(self, path: str, step: int) -> None:
-        self.path = path
-        self.step = step
+    def __call__(self, response: str, row: dict) -> float:
+        return row["answer"]
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step >= self.step:
-            Path(self.path).touch()
+
+class ConstantOnRankOneReward(DigitCopyTask):
+    """``DigitCopyTask``'s score on rank 0, 0 on rank 1 (read from ``LOCAL_RANK``, which Lightning sets in
+    the processes it launches): rank 1 never has an informative group, so with refill it wants more
+    batches than rank 0 does."""
+
+    def __call__(self, response: str, row: dict) -> float:
+        return 0.0 if os.environ.get("LOCAL_RANK", "0") == "1" else self.score(response, row)
+
+
+class OnlyPromptReward:
+    """1 for every response to the prompt ``prompt``, 0 for the others: pass@k of a data set is then
+    exactly (prompts equal to ``prompt``) / (prompts counted).
+
+    Args:
+        prompt: The row prompt that scores 1.
+    """
+
+    def __init__(self, prompt: str) -> None:
+        self.prompt = prompt
+
+    def __call__(self, response: str, row: dict) -> float:
+        return float(row["prompt"] == self.prompt)
 
 
 class SigkillAfterStep(L.Callback):
