@@ -38,7 +38,7 @@ class UpdateConfig:
     micro_batch_size: int = 8
     """Sequences per forward/backward on one rank (gradient accumulation inside a mini-batch)."""
     shuffle: bool = False
-    """Shuffle sequences between mini-batches each epoch (the official recipe does not)."""
+    """Visit the groups in a new seeded order each epoch (the same on every rank; the official recipe does not)."""
     logprob_chunk_size: int = 1024
     """Rows of the vocabulary projection computed at once; bounds the logits' memory."""
     max_nonfinite_steps: int = 5
@@ -63,3 +63,31 @@ class DynamicSamplingConfig:
     """DAPO: roll out further prompt batches until the batch is full again. Archer's recipe: False (drop only)."""
     max_extra_batches: int = 3
     """Cap on extra prompt batches rolled out per step when refilling."""
+
+
+@dataclass
+class RolloutCorrectionConfig:
+    """Importance weights for the gap between the rollout engine's and the trainer's probabilities
+    (:func:`archer.algorithms.rollout_correction.rollout_correction_weights`; TIS / MIS)."""
+
+    apply: Literal["auto", "always", "never"] = "auto"
+    """``auto``: on when the engine's log-probs are not the trainer's own (vLLM), off for ``HFEngine``
+    (which samples with the actor itself, so the weights would be 1)."""
+    level: Literal["token", "sequence", "geometric"] = "token"
+    """Ratio per token, per response (product), or per response (geometric mean)."""
+    mode: Literal["truncate", "mask"] = "truncate"
+    """``truncate``: w = min(ρ, upper) (TIS); ``mask``: w = 1 inside [lower, upper], else 0 (MIS)."""
+    upper: float = 2.0
+    """Truncation cap / upper mask bound (verl and slime: 2.0)."""
+    lower: float | None = None
+    """Lower mask bound; None = 1 / upper."""
+
+
+@dataclass
+class KLRewardConfig:
+    """KL to the reference as a reward penalty: r_i − β·Σ_t k(ℓ^old_t, ℓ^ref_t), before the advantages."""
+
+    beta: float = 0.001
+    """β, the penalty per unit of summed per-token KL."""
+    estimator: Literal["k1", "k2", "k3", "low_var_kl"] = "low_var_kl"
+    """Per-token KL estimator (see :mod:`archer.algorithms.kl`)."""

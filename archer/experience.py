@@ -5,9 +5,10 @@
     rows --generate(draw 0)--> groups --score--> rewards --(dynamic sampling)--> keep mask
          [--generate(draw 1, 2, ...) on refill batches while some rank still lacks informative groups]
 
-The result always holds exactly ``len(rows) · n`` samples, informative groups first, so every rank
-runs the same number of forward/backward passes; groups that were dropped stay in the batch with
-``keep = False`` (the trainer masks them out of the loss). Nothing here touches a model: the
+The result always holds exactly ``len(rows) · n`` samples, so every rank runs the same number of
+forward passes over the batch; groups that were dropped stay in the batch with ``keep = False``
+(the trainer masks them out of the loss, and its update plan puts them last). Without refill the
+groups keep their places; with refill the informative groups fill the slots first. Nothing here touches a model: the
 callables do the sampling and scoring, which keeps this reusable by evaluation and by an
 asynchronous producer.
 """
@@ -20,12 +21,14 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from archer.algorithms.stats import Ratio
 from archer.config import DynamicSamplingConfig
 from archer.distributed import Collectives
 from archer.rewards.runner import RewardResult
 from archer.rollout.base import Completion
+from archer.rollout.batch import RolloutBatch
 
-__all__ = ["Samples", "ScoredGroups", "collect_groups", "informative_groups"]
+__all__ = ["Experience", "Samples", "ScoredGroups", "collect_groups", "informative_groups"]
 
 
 @dataclass
@@ -57,6 +60,26 @@ class ScoredGroups:
     """Every reward call of the step, refills included (its scores, error and timeout counts)."""
     extra_batches: int = 0
     """Refill batches rolled out (dynamic sampling with ``refill``)."""
+
+
+@dataclass
+class Experience:
+    """One RL step's training batch: the rollout and every per-sample quantity the update reads."""
+
+    rollout: RolloutBatch
+    """The padded rollout (on the CPU); groups dynamic sampling dropped are masked out of ``response_mask``."""
+    response_lengths: Tensor
+    """``[N]`` response lengths, dropped groups included."""
+    old_logprob: Tensor
+    """``[N, R]`` π_old, the trainer's log-probs before the update."""
+    ref_logprob: Tensor | None
+    """``[N, R]`` the frozen reference's log-probs (None when nothing needs them)."""
+    advantages: Tensor
+    """``[N, R]`` per-token advantages (after shaping)."""
+    pg_weight: Tensor | None
+    """``[N, R]`` rollout-correction weights multiplying each token's policy-gradient term (None: off)."""
+    mismatch: dict[str, Ratio]
+    """Engine-vs-trainer statistics (mismatch_kl, is_weight_mean, ...), empty without engine log-probs."""
 
 
 def informative_groups(scores: Tensor, n: int) -> Tensor:
@@ -95,8 +118,10 @@ def collect_groups(
     if dynamic_sampling is None:
         return ScoredGroups(samples, scores, torch.ones_like(scores, dtype=torch.bool), results[0])
     informative = informative_groups(scores, n)
+    if not dynamic_sampling.refill:
+        return ScoredGroups(samples, scores, informative.repeat_interleave(n), results[0])
     extra_batches = 0
-    while dynamic_sampling.refill and extra_batches < dynamic_sampling.max_extra_batches:
+    while extra_batches < dynamic_sampling.max_extra_batches:
         missing = torch.tensor(float(len(rows) - int(informative.sum())))
         if float(collectives.max(missing)) <= 0:
             break

@@ -46,13 +46,31 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from archer.algorithms import Ratio, compute_advantages, masked_ratio, overlong_penalty, token_logprobs_and_entropy
-from archer.config import DynamicSamplingConfig, OptimConfig, OverlongConfig, UpdateConfig
+from archer.algorithms import (
+    AdvantageEstimator,
+    Ratio,
+    compute_advantages,
+    kl_in_reward,
+    masked_ratio,
+    overlong_penalty,
+    rollout_correction_weights,
+    rollout_mismatch_stats,
+    token_logprobs_and_entropy,
+)
+from archer.config import (
+    DynamicSamplingConfig,
+    KLRewardConfig,
+    OptimConfig,
+    OverlongConfig,
+    RolloutCorrectionConfig,
+    UpdateConfig,
+)
 from archer.data.shard import FILLER_KEY
 from archer.distributed import Collectives
-from archer.experience import Samples, ScoredGroups, collect_groups
+from archer.experience import Experience, Samples, ScoredGroups, collect_groups
 from archer.losses import ArcherLoss, PolicyLoss
 from archer.metrics import PassAtK
+from archer.micro_batches import plan_update
 from archer.rewards import Reward, RewardRunner
 from archer.rollout import HFEngine, RolloutEngine, SamplingConfig
 from archer.rollout.batch import RolloutBatch, collate_rollout
@@ -82,10 +100,15 @@ class ArcherModule(L.LightningModule):
         val_sampling: Validation sampling; ``n`` must be >= the largest of ``pass_k``. ``None``: ``sampling``.
         optim: AdamW and learning-rate schedule (its steps are RL steps).
         update: PPO epochs, mini- and micro-batch sizes.
-        advantage: Group advantage estimator: ``grpo`` (mean/std), ``drgrpo`` (no std) or ``rloo``.
+        advantage: Advantage estimator: ``grpo`` (group mean/std), ``drgrpo`` (no std), ``rloo`` or
+            ``reinforce_pp_baseline`` (group mean, batch std over all ranks).
         advantage_shaping: Applied in order after the advantages (perplexity / position shaping).
         overlong: DAPO overlong reward shaping; ``None`` disables it.
         dynamic_sampling: Drop groups whose rewards are all equal (optionally refilling); ``None`` keeps all.
+        rollout_correction: Importance weights for the engine–trainer probability gap (on by default
+            with vLLM, off with ``HFEngine``); logged either way as ``rollout/mismatch_kl`` etc.
+        kl_in_reward: KL to the reference as a reward penalty (an alternative to a loss's KL term);
+            ``None`` disables it.
         reward_timeout_s: A reward call that takes longer scores 0 and is counted.
         reward_workers: Worker processes that score rewards.
         pass_k: The k of the validation pass@k metrics.
@@ -107,10 +130,12 @@ class ArcherModule(L.LightningModule):
         val_sampling: SamplingConfig | None = None,
         optim: OptimConfig = OptimConfig(),
         update: UpdateConfig = UpdateConfig(),
-        advantage: str = "grpo",
+        advantage: AdvantageEstimator = "grpo",
         advantage_shaping: list[AdvantageShaping] | None = None,
         overlong: OverlongConfig | None = None,
         dynamic_sampling: DynamicSamplingConfig | None = None,
+        rollout_correction: RolloutCorrectionConfig = RolloutCorrectionConfig(),
+        kl_in_reward: KLRewardConfig | None = None,
         reward_timeout_s: float = 10.0,
         reward_workers: int = 2,
         pass_k: list[int] | None = None,
@@ -139,6 +164,8 @@ class ArcherModule(L.LightningModule):
         self.advantage_shaping = advantage_shaping or []
         self.overlong = overlong
         self.dynamic_sampling = dynamic_sampling
+        self.rollout_correction = rollout_correction
+        self.kl_in_reward = kl_in_reward
         self.reward_timeout_s = reward_timeout_s
         self.reward_workers = reward_workers
         self.pass_k = sorted(pass_k or [1])
@@ -178,7 +205,7 @@ class ArcherModule(L.LightningModule):
         if self.gradient_checkpointing:
             self.actor.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.actor.config.use_cache = False
-        if self.loss.needs_reference:
+        if self.loss.needs_reference or self.kl_in_reward is not None:
             self.reference = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
             self.reference.eval().requires_grad_(False)
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel mesh
@@ -325,8 +352,8 @@ class ArcherModule(L.LightningModule):
         return scored
 
     # ------------------------------------------------------------------------------- log-probs
-    def _logprobs(self, model: torch.nn.Module, mb: RolloutBatch, temperature: float):
-        """Per-token log-probs (with grad) and entropy (detached) of the response tokens of ``mb``.
+    def _logprobs(self, model: torch.nn.Module, mb: RolloutBatch, temperature: float, *, entropy_grad: bool = False):
+        """Per-token log-probs (with grad) and entropy (detached unless ``entropy_grad``) of the response tokens of ``mb``.
 
         Only the hidden states of response positions go through the vocabulary projection, and in
         chunks: the ``[B, T, V]`` logits never exist.
@@ -351,23 +378,36 @@ class ArcherModule(L.LightningModule):
             temperature=temperature,
             chunk_size=self.update.logprob_chunk_size,
             lm_head_bias=bias,
+            entropy_grad=entropy_grad,
         )
 
     def _micro_batch(self, rollout: RolloutBatch, rows: Tensor) -> RolloutBatch:
-        """Rows of the (CPU) rollout as a micro-batch on the device, padded to its own longest sequence."""
+        """Rows of the (CPU) rollout as a micro-batch on the device, padded to its own longest sequence.
+
+        No rows: a placeholder micro-batch (row 0, fully masked) for a rank that holds none of a
+        mini-batch but must still run the forward/backward the other ranks run (plan docstring).
+        """
+        if len(rows) == 0:
+            placeholder = rollout.select(torch.zeros(1, dtype=torch.long))
+            placeholder.response_mask = torch.zeros_like(placeholder.response_mask)
+            return placeholder.trimmed().to(self.device)
         return rollout.select(rows).trimmed().to(self.device)
 
     @torch.no_grad()
-    def _logprobs_no_grad(self, model: torch.nn.Module, rollout: RolloutBatch, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """Log-probs and entropies ``[len(rows), R]`` of ``rows``, in micro-batches, zero past each response."""
-        width = rollout.response_ids.shape[1]
-        logprob = torch.zeros(len(rows), width, device=self.device)
+    def _logprobs_no_grad(
+        self, model: torch.nn.Module, rollout: RolloutBatch, micro_batches: list[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """Log-probs and entropies ``[rows, R]`` of the rows of ``micro_batches`` (concatenated), one
+        forward per micro-batch (placeholders included), zero past each response."""
+        rows = torch.cat(micro_batches)
+        logprob = torch.zeros(len(rows), rollout.response_ids.shape[1], device=self.device)
         entropy = torch.zeros_like(logprob)
-        for part in _chunks(len(rows), self.update.micro_batch_size):
-            mb = self._micro_batch(rollout, rows[part])
-            lp, ent = self._logprobs(model, mb, self.sampling.temperature)
-            r = lp.shape[1]
-            logprob[part, :r], entropy[part, :r] = lp, ent
+        start = 0
+        for micro in micro_batches:
+            lp, ent = self._logprobs(model, self._micro_batch(rollout, micro), self.sampling.temperature)
+            part, r = slice(start, start + len(micro)), lp.shape[1]
+            logprob[part, :r], entropy[part, :r] = lp[: len(micro)], ent[: len(micro)]
+            start += len(micro)
         return logprob, entropy
 
     # ------------------------------------------------------------------------------------ step
@@ -375,57 +415,37 @@ class ArcherModule(L.LightningModule):
         t0 = time.perf_counter()
         self.actor.eval()  # rollout and old log-probs without dropout
         scored = self._collect(batch)
-        rollout = collate_rollout(scored.samples.prompts, scored.samples.completions, self.tokenizer.pad_token_id)
-        scores, keep = scored.scores.to(self.device), scored.keep.to(self.device)
         t_rollout = time.perf_counter() - t0
 
-        n = self.sampling.n
-        response_lengths = rollout.response_lengths  # before dropped groups are masked out
-        rewards = scores
-        if self.overlong is not None:
-            rewards = rewards + overlong_penalty(
-                response_lengths.to(self.device),
-                max_len=self.sampling.max_new_tokens,
-                buffer=self.overlong.buffer,
-                penalty=self.overlong.penalty,
-            )
-        advantages = compute_advantages(rewards, n, estimator=self.advantage)  # [N]
-        rollout.response_mask = rollout.response_mask * keep[:, None].cpu().to(rollout.response_mask.dtype)
-        mask = rollout.response_mask.to(self.device)
-
         t1 = time.perf_counter()
-        every_row = torch.arange(rollout.num_sequences)
-        old_logprob, _ = self._logprobs_no_grad(self.actor, rollout, every_row)
-        ref_logprob = self._logprobs_no_grad(self.reference, rollout, every_row)[0] if self.reference is not None else None
-        advantages = advantages[:, None].expand_as(mask).contiguous()  # [N, R]
-        for shaping in self.advantage_shaping:
-            advantages = shaping(advantages, old_logprob, mask, n)
+        exp = self._experience(scored)
         t_logprob = time.perf_counter() - t1
 
         t2 = time.perf_counter()
         self.actor.train()
         lr = self.lr_schedulers().get_last_lr()[0]
-        update_stats, grad_norm_steps = self._update(rollout, old_logprob, ref_logprob, advantages)
+        plan = self._plan_update(scored.keep.view(-1, self.sampling.n).all(-1))
+        update_stats, grad_norm_steps = self._update(exp, plan)
         self.lr_schedulers().step()  # once per RL step (verl's convention): warmup and cosine count RL steps
         t_update = time.perf_counter() - t2
 
+        n, scores, keep = self.sampling.n, scored.scores, scored.keep
+        mask = exp.rollout.response_mask.to(self.device).bool()
         ratios = {
             "train/reward_mean": Ratio.of(scores.sum(), len(scores)),
             "train/solve_rate": Ratio.of((scores.view(-1, n) >= 1.0).any(-1).sum(), len(scores) // n),
-            "train/response_length_mean": Ratio.of(response_lengths.sum(), len(scores)),
-            "train/response_clip_ratio": Ratio.of(rollout.truncated.sum(), len(scores)),
-            "train/advantage_abs_mean": masked_ratio(advantages.abs(), mask.bool()),
+            "train/response_length_mean": Ratio.of(exp.response_lengths.sum(), len(scores)),
+            "train/response_clip_ratio": Ratio.of(exp.rollout.truncated.sum(), len(scores)),
+            "train/advantage_abs_mean": masked_ratio(exp.advantages.abs(), mask),
             "train/kept_groups_fraction": Ratio.of(keep.sum(), len(scores)),
             "reward/error_fraction": Ratio.of(scored.rewards.num_errors, len(scored.rewards.scores)),
             **{f"train/{key}": value for key, value in update_stats.items()},
+            **{f"rollout/{key}": value for key, value in exp.mismatch.items()},
         }
-        if rollout.engine_logprobs is not None:
-            diff = (rollout.engine_logprobs.to(self.device) - old_logprob).abs()
-            ratios["rollout/logprob_diff"] = masked_ratio(diff, mask.bool())
         totals = {
             "reward/errors": scored.rewards.num_errors,
             "reward/timeouts": scored.rewards.num_timeouts,
-            "perf/tokens": float(rollout.attention_mask.sum()),
+            "perf/tokens": float(exp.rollout.attention_mask.sum()),
         }
         if self.dynamic_sampling is not None:
             totals["rollout/extra_batches"] = scored.extra_batches
@@ -444,8 +464,50 @@ class ArcherModule(L.LightningModule):
         )
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
         self.log("reward", metrics["train/reward_mean"], prog_bar=True, on_step=True, logger=False, batch_size=len(batch))
-        self._keep_samples(rollout, scores)
+        self._keep_samples(exp.rollout, scores)
         self._check_nonfinite()
+
+    def _experience(self, scored: ScoredGroups) -> Experience:
+        """The update's inputs: padded rollout, old and reference log-probs, rewards → advantages, and
+        the rollout-correction weights (with the engine–trainer mismatch statistics)."""
+        n = self.sampling.n
+        rollout = collate_rollout(scored.samples.prompts, scored.samples.completions, self.tokenizer.pad_token_id)
+        response_lengths = rollout.response_lengths  # before dropped groups are masked out
+        rollout.response_mask = rollout.response_mask * scored.keep[:, None].to(rollout.response_mask.dtype)
+        mask = rollout.response_mask.to(self.device)
+        every_row = [torch.arange(rollout.num_sequences)[part] for part in _chunks(rollout.num_sequences, self.update.micro_batch_size)]
+        old_logprob, _ = self._logprobs_no_grad(self.actor, rollout, every_row)
+        ref_logprob = self._logprobs_no_grad(self.reference, rollout, every_row)[0] if self.reference is not None else None
+
+        rewards = scored.scores.to(self.device)
+        if self.overlong is not None:
+            rewards = rewards + overlong_penalty(
+                response_lengths.to(self.device),
+                max_len=self.sampling.max_new_tokens,
+                buffer=self.overlong.buffer,
+                penalty=self.overlong.penalty,
+            )
+        if self.kl_in_reward is not None:
+            rewards = kl_in_reward(rewards, old_logprob, ref_logprob, mask, beta=self.kl_in_reward.beta,
+                                   estimator=self.kl_in_reward.estimator)
+        advantages = compute_advantages(rewards, n, estimator=self.advantage, sum_over_ranks=self.collectives.sum)
+        advantages = advantages[:, None].expand_as(mask).contiguous()  # [N, R]
+        for shaping in self.advantage_shaping:
+            advantages = shaping(advantages, old_logprob, mask, n)
+
+        pg_weight, mismatch = None, {}
+        if rollout.engine_logprobs is not None:
+            correction = self.rollout_correction
+            engine = rollout.engine_logprobs.to(self.device)
+            options = dict(level=correction.level, mode=correction.mode, upper=correction.upper)
+            weights = rollout_correction_weights(old_logprob, engine, mask, lower=correction.lower, **options)
+            mismatch = rollout_mismatch_stats(old_logprob, engine, mask, weights, **options)
+            mismatch["logprob_diff"] = masked_ratio((engine - old_logprob).abs(), mask.bool())
+            apply = correction.apply == "always" or (
+                correction.apply == "auto" and not getattr(self.rollout, "logprobs_match_trainer", False)
+            )
+            pg_weight = weights if apply else None
+        return Experience(rollout, response_lengths, old_logprob, ref_logprob, advantages, pg_weight, mismatch)
 
     def _global_values(self, ratios: dict[str, Ratio], totals: dict[str, float]) -> dict[str, float]:
         """Ratios (numerators and denominators summed over ranks, then divided) and totals (summed
@@ -457,35 +519,38 @@ class ArcherModule(L.LightningModule):
         values.update({key: num for key, (num, _) in zip(totals, reduced[len(ratios):])})
         return values
 
-    def _minibatches(self, num_rows: int) -> list[Tensor]:
-        """Row indices of each optimizer step: ``ppo_epochs`` passes over the batch in mini-batches of
-        ``mini_batch_size`` prompts (global; this rank's share is ``mini_batch_size / world``)."""
-        per_rank = self.update.mini_batch_size // self.trainer.world_size
-        rows = per_rank * self.sampling.n if per_rank else num_rows
-        minibatches = []
-        for epoch in range(self.update.ppo_epochs):
-            if self.update.shuffle:
-                generator = torch.Generator().manual_seed(self._seed("shuffle", self.global_step, epoch))
-                order = torch.randperm(num_rows, generator=generator)
-            else:
-                order = torch.arange(num_rows)
-            minibatches += [order[part] for part in _chunks(num_rows, rows)]
-        return minibatches
+    def _plan_update(self, keep_groups: Tensor) -> list[list[Tensor]]:
+        """This rank's micro-batches for each optimizer step (:func:`archer.micro_batches.plan_update`).
 
-    def _update(self, rollout: RolloutBatch, old_logprob: Tensor, ref_logprob: Tensor | None, advantages: Tensor):
-        """``ppo_epochs`` passes over mini-batches, one optimizer step each.
+        ``keep_groups`` ``[G_local]`` bool: this rank's groups that dynamic sampling kept. The plan
+        needs every rank's flags in global group order (local group ``j`` of rank ``r`` is global
+        group ``j·W + r``): one all-gather.
+        """
+        world = self.trainer.world_size
+        flags = self.collectives.cat(keep_groups.to(self.device, torch.float32)).view(world, -1).t().reshape(-1) > 0
+        groups = self.update.mini_batch_size or len(flags)
+        seeds = [
+            derive_seed(self._base_seed, "shuffle", self.global_step, epoch) if self.update.shuffle else None
+            for epoch in range(self.update.ppo_epochs)
+        ]
+        return plan_update(
+            flags.cpu(), rank=self.global_rank, world_size=world, group_size=self.sampling.n,
+            groups_per_minibatch=groups, micro_batch_size=self.update.micro_batch_size, epoch_seeds=seeds,
+        )
+
+    def _update(self, exp: Experience, plan: list[list[Tensor]]):
+        """One optimizer step per entry of ``plan`` (``ppo_epochs`` passes over the mini-batches).
 
         Returns the loss statistics summed over the steps taken (a :class:`Ratio` per key, plus
         ``grad_norm``) and the number of optimizer steps taken.
         """
         optimizer = self.optimizers()
-        minibatches = self._minibatches(rollout.num_sequences)
         stats: dict[str, Ratio] = {}
         taken = 0
         nonfinite = False
-        for step, rows in enumerate(minibatches):
+        for step, micro_batches in enumerate(plan):
             optimizer.zero_grad(set_to_none=True)
-            step_stats = self._accumulate_gradients(rollout, rows, old_logprob, ref_logprob, advantages, first=step == 0)
+            step_stats = self._accumulate_gradients(exp, micro_batches, step)
             if step_stats is None:
                 self._counters["empty_steps"] += 1
             elif step_stats["finite"]:
@@ -497,55 +562,65 @@ class ArcherModule(L.LightningModule):
             if step_stats is None or not step_stats["finite"]:
                 optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters without a gradient
             # Lightning counts the RL step's last optimizer step as its one global step (module docstring).
-            (optimizer.step if step == len(minibatches) - 1 else optimizer.optimizer.step)()
+            (optimizer.step if step == len(plan) - 1 else optimizer.optimizer.step)()
         optimizer.zero_grad(set_to_none=True)
         self._nonfinite_in_a_row = self._nonfinite_in_a_row + 1 if nonfinite else 0
         return stats, taken
 
-    def _accumulate_gradients(
-        self, rollout: RolloutBatch, rows: Tensor, old_logprob: Tensor, ref_logprob: Tensor | None,
-        advantages: Tensor, *, first: bool,
-    ) -> dict | None:
-        """Forward/backward over the micro-batches of one mini-batch (``rows``), then clip the gradient norm.
+    def _accumulate_gradients(self, exp: Experience, micro_batches: list[Tensor], step: int) -> dict | None:
+        """Forward/backward over the micro-batches of optimizer step ``step``, then clip the gradient norm.
 
         Returns None when the mini-batch has no valid token on any rank (nothing to learn: skip the
         step), else ``{"finite": bool, "stats": {key: Ratio}}`` — ``finite`` is one verdict for all
         ranks (a rank that stepped alone would leave the replicas apart).
         """
+        rollout = exp.rollout
+        rows = torch.cat(micro_batches)  # this rank's rows of the mini-batch, micro-batch after micro-batch
         mask = rollout.response_mask[rows].to(self.device)
         if float(self.collectives.sum(mask.sum())) == 0:
             return None
         forward = {}
-        if self.loss.needs_minibatch_forward:  # the current policy's entropies over the whole mini-batch
-            logprob, entropy = self._logprobs_no_grad(self.actor, rollout, rows)
-            forward = {"logprob": logprob, "entropy": entropy, "advantages": advantages[rows]}
-        context = self.loss.minibatch_context(mask, self.collectives, **forward)
+        if self.loss.needs_minibatch_forward:  # the current policy over the whole mini-batch, first
+            logprob, entropy = self._logprobs_no_grad(self.actor, rollout, micro_batches)
+            forward = {"logprob": logprob, "entropy": entropy, "old_logprob": exp.old_logprob[rows],
+                       "advantages": exp.advantages[rows]}
+        context = self.loss.minibatch_context(
+            mask, self.collectives, seed=self._seed("minibatch", self.global_step, step), **forward
+        )
         world = self.trainer.world_size
-        micro_batches = _chunks(len(rows), self.update.micro_batch_size)
         stats: dict[str, Ratio] = {}
         finite = torch.ones((), dtype=torch.bool, device=self.device)
-        for j, part in enumerate(micro_batches):
-            idx = rows[part]
-            mb = self._micro_batch(rollout, idx)
-            r = mb.response_ids.shape[1]
+        start = 0
+        for j, micro in enumerate(micro_batches):
+            mb = self._micro_batch(rollout, micro)
             with self._gradient_sync(j == len(micro_batches) - 1):
-                logprob, entropy = self._logprobs(self.actor, mb, self.sampling.temperature)
-                loss, loss_stats = self.loss(
-                    logprob,
-                    old_logprob[idx, :r],
-                    None if ref_logprob is None else ref_logprob[idx, :r],
-                    advantages[idx, :r],
-                    forward["entropy"][part, :r] if forward else entropy,
-                    mb.response_mask,
-                    norm_len=self.sampling.max_new_tokens,
-                    context=context,
+                logprob, entropy = self._logprobs(
+                    self.actor, mb, self.sampling.temperature, entropy_grad=self.loss.needs_entropy_grad
                 )
+                if len(micro) == 0:  # a placeholder: a forward/backward that contributes nothing
+                    loss = 0.0 * logprob.sum()
+                else:
+                    positions, r = slice(start, start + len(micro)), mb.response_ids.shape[1]
+                    if forward:  # type tokens with the entropies the context counted (keeping any gradient)
+                        entropy = forward["entropy"][positions, :r] + (entropy - entropy.detach())
+                    loss, loss_stats = self.loss(
+                        logprob,
+                        exp.old_logprob[micro, :r],
+                        None if exp.ref_logprob is None else exp.ref_logprob[micro, :r],
+                        exp.advantages[micro, :r],
+                        entropy,
+                        mb.response_mask,
+                        norm_len=self.sampling.max_new_tokens,
+                        pg_weight=None if exp.pg_weight is None else exp.pg_weight[micro, :r],
+                        context=self.loss.micro_batch_context(context, positions),
+                    )
+                    stats = {k: stats[k] + v for k, v in loss_stats.items()} if stats else loss_stats
+                    if step == 0 and start == 0:
+                        self._first_entropy, self._first_entropy_rows = entropy.detach(), micro
                 # DDP and FSDP2 average gradients over ranks; the loss is already a share of the global mean.
                 self.manual_backward(loss * world)
             finite &= torch.isfinite(loss)
-            stats = {k: stats[k] + v for k, v in loss_stats.items()} if stats else loss_stats
-            if first and j == 0:
-                self._first_entropy, self._first_entropy_rows = entropy.detach(), idx
+            start += len(micro)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.actor.parameters(), self.optim.max_grad_norm)
         if isinstance(grad_norm, DTensor):
             grad_norm = grad_norm.full_tensor()

@@ -6,19 +6,33 @@ stored contiguously: group g is ``R[g*G : (g+1)*G]``. With mean_g and the unbias
     GRPO     A_i = (R_i − mean_g) / (std_g + ε)       (Shao et al. 2024; ε = 1e-6)
     Dr.GRPO  A_i =  R_i − mean_g                      (Liu et al. 2025: no std division)
     RLOO     A_i =  R_i − mean_{j≠i} R_j = G/(G−1) · (R_i − mean_g)   (Ahmadian et al. 2024)
+    REINFORCE++-baseline                              (Hu et al. 2025, arXiv 2501.03262)
+             A_i = (R_i − mean_g) / (std_batch + ε),  std_batch = unbiased std of {R_j − mean_g(j)}
+                                                      over the whole batch, not the group
 
 A group of one response, or a group whose rewards are all equal, gets A = 0 exactly (never NaN):
 it carries no relative signal. The result is ``[N]``; broadcast it over a response's tokens.
+
+REINFORCE++-baseline's batch is every response of the call, groups with A = 0 included (as verl,
+which whitens over the batch's tokens instead: a token-weighted std, and it re-centres; the mean
+of group-centred rewards over responses is 0 already). Over data-parallel ranks, pass
+``sum_over_ranks`` (e.g. ``Collectives().sum``): the std is then over the responses of all ranks,
+from the summed count, Σx and Σx² (float64).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["grpo_advantages", "rloo_advantages", "compute_advantages"]
+__all__ = [
+    "AdvantageEstimator", "grpo_advantages", "rloo_advantages", "reinforce_pp_baseline_advantages", "compute_advantages",
+]
+
+AdvantageEstimator = Literal["grpo", "drgrpo", "rloo", "reinforce_pp_baseline"]
 
 
 def _grouped(rewards: Tensor, group_size: int) -> Tensor:
@@ -55,12 +69,46 @@ def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
     return _zero_where_uninformative(groups - others_mean, groups).reshape(-1)
 
 
-def compute_advantages(rewards: Tensor, group_size: int, estimator: Literal["grpo", "drgrpo", "rloo"]) -> Tensor:
-    """Dispatch by name: ``"grpo"``, ``"drgrpo"`` (GRPO without std) or ``"rloo"``; returns ``[N]``."""
+def reinforce_pp_baseline_advantages(
+    rewards: Tensor,
+    group_size: int,
+    *,
+    eps: float = 1e-6,
+    sum_over_ranks: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """REINFORCE++-baseline advantages ``[N]``: group-centred rewards over the batch's std (module docstring).
+
+    ``sum_over_ranks``: sums a tensor over data-parallel ranks, so that the std is over the whole
+    batch on all ranks (every rank must call); None: over these rewards. A batch of ≤ 1 response
+    has std 0.
+    """
+    centred = grpo_advantages(rewards.double(), group_size, normalize_std=False)  # R_i − mean_g, exact 0 if uninformative
+    count = torch.tensor(float(centred.numel()), dtype=torch.float64, device=centred.device)
+    moments = torch.stack([count, centred.sum(), centred.square().sum()])
+    if sum_over_ranks is not None:
+        moments = sum_over_ranks(moments)
+    count, total, total_square = moments
+    variance = (total_square - total * total / count.clamp_min(1)) / (count - 1).clamp_min(1)
+    return (centred / (variance.clamp_min(0).sqrt() + eps)).to(rewards.dtype)
+
+
+def compute_advantages(
+    rewards: Tensor,
+    group_size: int,
+    estimator: AdvantageEstimator,
+    *,
+    sum_over_ranks: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """Dispatch by name: ``"grpo"``, ``"drgrpo"`` (GRPO without std), ``"rloo"`` or
+    ``"reinforce_pp_baseline"`` (which uses ``sum_over_ranks``); returns ``[N]``."""
     if estimator == "grpo":
         return grpo_advantages(rewards, group_size)
     if estimator == "drgrpo":
         return grpo_advantages(rewards, group_size, normalize_std=False)
     if estimator == "rloo":
         return rloo_advantages(rewards, group_size)
-    raise ValueError(f"unknown advantage estimator {estimator!r}; expected 'grpo', 'drgrpo' or 'rloo'")
+    if estimator == "reinforce_pp_baseline":
+        return reinforce_pp_baseline_advantages(rewards, group_size, sum_over_ranks=sum_over_ranks)
+    raise ValueError(
+        f"unknown advantage estimator {estimator!r}; expected 'grpo', 'drgrpo', 'rloo' or 'reinforce_pp_baseline'"
+    )

@@ -20,9 +20,19 @@ KL term is normalised. Per valid token t (mask m_t = 1), with A_t the advantage:
   entropy is above the ρ-quantile (per response or over the batch); the aggregate runs over
   those kept tokens, so it equals the vanilla loss computed on the kept tokens alone.
 
-Shapes: logprob, old_logprob, ref_logprob, entropy, response_mask ``[B, T]``; advantages ``[B]``
-or ``[B, T]``. ``entropy`` is used for typing only and is detached. Every loss returns
-``(loss, stats)`` with the same :data:`STAT_KEYS`, each a :class:`~archer.algorithms.stats.Ratio`.
+Options of every policy loss here and in :mod:`.gspo`, :mod:`.cispo`:
+
+* ``pg_weight`` w_t (``[B, T]``, detached; e.g. the rollout-correction weights of
+  :mod:`.rollout_correction`): pg_t ← w_t · pg_t before aggregation. The aggregation's unit
+  counts do not change and KL terms are not weighted.
+* ``entropy_coef``: loss ← loss − coef · agg(H_t) over the valid tokens (:func:`entropy_bonus`),
+  with the gradient through H_t, so ``entropy`` must carry it (``token_logprobs_and_entropy(...,
+  entropy_grad=True)``). Token typing always uses the detached entropy.
+* Clip-Cov / KL-Cov (:mod:`.covariance`) are options of :func:`clipped_policy_loss` (``cov``).
+
+Shapes: logprob, old_logprob, ref_logprob, entropy, pg_weight, response_mask ``[B, T]``;
+advantages ``[B]`` or ``[B, T]``. Every loss returns ``(loss, stats)`` with the same
+:data:`STAT_KEYS`, each a :class:`~archer.algorithms.stats.Ratio`.
 
 Micro-batches and ranks. Each aggregate divides by a unit count (:mod:`.aggregation`). By default
 that is the count in the tensors given; the ``*units`` arguments replace it with the count over
@@ -32,18 +42,22 @@ the mini-batch exactly (the trainer computes them; see ``PolicyLoss.minibatch_co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from archer.algorithms.aggregation import AggregationMode, agg_loss, agg_parts
+from archer.algorithms.covariance import ClipCov, Gather, KLCov, select_cov_tokens
 from archer.algorithms.kl import KLEstimator, kl_penalty
 from archer.algorithms.stats import Ratio, masked_ratio
 from archer.algorithms.token_typing import classify_tokens, entropy_threshold
 
-__all__ = ["STAT_KEYS", "Surrogate", "clipped_surrogate", "clipped_policy_loss", "dual_token_loss", "high_entropy_mask_loss"]
+__all__ = [
+    "STAT_KEYS", "Surrogate", "clipped_surrogate", "surrogate_loss", "entropy_bonus", "clipped_policy_loss",
+    "clipped_cov_tokens", "dual_token_loss", "high_entropy_mask_loss",
+]
 
 STAT_KEYS: tuple[str, ...] = (
     "pg_loss", "kl", "clipfrac", "clipfrac_reasoning", "clipfrac_knowledge", "kl_reasoning", "kl_knowledge",
@@ -63,6 +77,8 @@ class Surrogate:
     """pg_t, the per-token loss (0 at padding); carries the gradient."""
     clipped: Tensor
     """bool: the ratio clip or the dual clip changed pg_t (so the token gets no gradient), False at padding."""
+    ratio: Tensor
+    """The importance ratio the surrogate clips (r_t; GSPO's s_i on every token of response i), detached."""
 
 
 def _check_shapes(response_mask: Tensor, **tensors: Tensor | None) -> None:
@@ -85,13 +101,26 @@ def _token_advantages(advantages: Tensor, response_mask: Tensor) -> Tensor:
 def _check_clip(name: str, clip: tuple[float, float]) -> None:
     if len(clip) != 2 or min(clip) < 0:
         raise ValueError(f"{name} must be a pair (ε_low, ε_high) of non-negative floats, got {clip}")
-    if clip[0] >= 1:
-        raise ValueError(f"{name}[0] = {clip[0]} would clip the ratio below at 1 − ε ≤ 0")
+    if clip[0] > 1:
+        raise ValueError(f"{name}[0] = {clip[0]} would clip the ratio below at 1 − ε < 0 (ε_low = 1: no lower clip)")
 
 
 def _check_dual_clip(dual_clip: float | None) -> None:
     if dual_clip is not None and not dual_clip > 1.0:
         raise ValueError(f"dual_clip must be > 1 (or None to disable), got {dual_clip}")
+
+
+def _check_terms(kl_coef: float, ref_logprob: Tensor | None, entropy_coef: float, entropy: Tensor | None) -> None:
+    if kl_coef > 0 and ref_logprob is None:
+        raise ValueError(f"kl_coef = {kl_coef} > 0 needs ref_logprob")
+    if entropy_coef != 0 and entropy is None:
+        raise ValueError(f"entropy_coef = {entropy_coef} needs entropy (with its gradient)")
+
+
+def _log_ratio(logprob: Tensor, old_logprob: Tensor, mask: Tensor) -> Tensor:
+    """δ_t = clamp(ℓ_t − ℓ^old_t, −20, 20) at valid tokens, 0 at padding (replaced before the arithmetic);
+    the gradient flows through ℓ_t only."""
+    return torch.where(mask, logprob - old_logprob.detach(), 0.0).clamp(-20.0, 20.0)
 
 
 def clipped_surrogate(
@@ -111,8 +140,7 @@ def clipped_surrogate(
     """
     mask = response_mask.bool()
     token_adv = torch.where(mask, _token_advantages(advantages, response_mask), 0.0)
-    log_ratio = torch.where(mask, logprob - old_logprob.detach(), 0.0).clamp(-20.0, 20.0)
-    ratio = torch.exp(log_ratio)
+    ratio = torch.exp(_log_ratio(logprob, old_logprob, mask))
     lower = 1.0 - torch.as_tensor(clip_low, dtype=ratio.dtype, device=ratio.device)
     upper = 1.0 + torch.as_tensor(clip_high, dtype=ratio.dtype, device=ratio.device)
     unclipped = -token_adv * ratio
@@ -120,7 +148,32 @@ def clipped_surrogate(
     if dual_clip is not None:
         pg = torch.where(token_adv < 0, torch.minimum(pg, -dual_clip * token_adv), pg)
     clipped = (pg.detach() != unclipped.detach()) & mask
-    return Surrogate(pg=pg, clipped=clipped)
+    return Surrogate(pg=pg, clipped=clipped, ratio=ratio.detach())
+
+
+def _weighted(surrogate: Surrogate, pg_weight: Tensor | None, mask: Tensor) -> Surrogate:
+    """pg_t ← w_t · pg_t (w detached, replaced by 0 at padding so that no NaN there reaches a gradient)."""
+    if pg_weight is None:
+        return surrogate
+    if pg_weight.shape != mask.shape:
+        raise ValueError(f"pg_weight has shape {tuple(pg_weight.shape)}, expected {tuple(mask.shape)} like response_mask")
+    weight = torch.where(mask, pg_weight.detach(), 0.0).to(surrogate.pg.dtype)
+    return replace(surrogate, pg=surrogate.pg * weight)
+
+
+def entropy_bonus(
+    entropy: Tensor,
+    response_mask: Tensor,
+    *,
+    coef: float,
+    loss_agg: AggregationMode = "token-mean",
+    norm_len: int | None = None,
+    units: Units = None,
+) -> Tensor:
+    """Entropy bonus term ``−coef · agg(H_t)`` over the valid tokens (``loss_agg``; ``units`` as in
+    :func:`~archer.algorithms.aggregation.agg_loss`). The gradient flows through ``entropy`` ``[B, T]``,
+    so it must come from a differentiable entropy (the losses add this term only when coef ≠ 0)."""
+    return -coef * agg_loss(entropy, response_mask.bool(), loss_agg, norm_len=norm_len, units=units)
 
 
 def _diagnostics(
@@ -137,19 +190,20 @@ def _diagnostics(
 ) -> dict[str, Ratio]:
     """The :data:`STAT_KEYS` stats as :class:`Ratio` (numerator, denominator) pairs.
 
-    pg_loss: the PG aggregate over the PG tokens (``loss_agg``). clipfrac*: fraction of PG tokens
-    (of that type) whose surrogate took a clipped branch. kl*: the KL estimator aggregated with
-    ``loss_agg`` over all valid / reasoning / knowledge tokens (0 / 0 without reference log-probs).
-    entropy*: token means (0 / 0 without entropies). reasoning_fraction: reasoning tokens / valid
-    tokens. ratio_mean: token mean of r_t. approx_kl: token mean of k3 between π_old and π,
-    (r − 1) − log r ≥ 0. A stat with nothing to measure (no token of that type) is 0 / 0.
+    pg_loss: the PG aggregate over the PG tokens (``loss_agg``, weights included). clipfrac*:
+    fraction of PG tokens (of that type) whose surrogate took a clipped branch. kl*: the KL estimator
+    aggregated with ``loss_agg`` over all valid / reasoning / knowledge tokens (0 / 0 without
+    reference log-probs). entropy*: token means (0 / 0 without entropies). reasoning_fraction:
+    reasoning tokens / valid tokens. ratio_mean: token mean of the surrogate's ratio. approx_kl:
+    token mean of k3 between π_old and π, (r_t − 1) − δ_t ≥ 0. A stat with nothing to measure (no
+    token of that type) is 0 / 0.
     """
     mask = response_mask.bool()
     with torch.no_grad():
         if reasoning is None:
             reasoning = torch.zeros_like(mask)
         knowledge = mask & ~reasoning
-        log_ratio = torch.where(mask, logprob - old_logprob, 0.0).clamp(-20.0, 20.0).double()
+        log_ratio = _log_ratio(logprob, old_logprob, mask).double()
         nothing = Ratio.of(0.0, 0.0)
 
         def agg_over(values: Tensor | None, tokens: Tensor) -> Ratio:
@@ -171,7 +225,7 @@ def _diagnostics(
             "entropy_reasoning": entropy_over(reasoning),
             "entropy_knowledge": entropy_over(knowledge),
             "entropy": entropy_over(mask),
-            "ratio_mean": masked_ratio(torch.exp(log_ratio), mask),
+            "ratio_mean": masked_ratio(surrogate.ratio, mask),
             "approx_kl": masked_ratio(torch.expm1(log_ratio) - log_ratio, mask),
         }
 
@@ -185,13 +239,99 @@ def _kl_per_token(logprob: Tensor, ref_logprob: Tensor | None, response_mask: Te
     return kl_penalty(torch.where(mask, logprob, ref), ref, estimator)
 
 
+def surrogate_loss(
+    surrogate: Surrogate,
+    logprob: Tensor,
+    old_logprob: Tensor,
+    response_mask: Tensor,
+    *,
+    loss_agg: AggregationMode,
+    norm_len: int | None = None,
+    units: Units = None,
+    pg_weight: Tensor | None = None,
+    ref_logprob: Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: KLEstimator = "low_var_kl",
+    entropy: Tensor | None = None,
+    entropy_coef: float = 0.0,
+    rho: float = 0.8,
+) -> tuple[Tensor, dict[str, Ratio]]:
+    """A per-token surrogate → ``(loss, stats)`` with ONE aggregate over all valid tokens::
+
+        loss = agg(w_t · pg_t) + β · agg(KL_t) − coef · agg(H_t)
+
+    The tail shared by :func:`clipped_policy_loss`, :func:`~archer.algorithms.gspo.gspo_loss` and
+    :func:`~archer.algorithms.cispo.cispo_loss`: ``pg_weight`` = w, ``kl_coef`` = β (needs
+    ``ref_logprob``), ``entropy_coef`` = coef (needs ``entropy`` with its gradient), ``units``
+    divides all three aggregates (module docstring). ``entropy`` also types tokens at ``rho`` for
+    the per-type diagnostics only.
+    """
+    _check_terms(kl_coef, ref_logprob, entropy_coef, entropy)
+    mask = response_mask.bool()
+    surrogate = _weighted(surrogate, pg_weight, mask)
+    loss = agg_loss(surrogate.pg, mask, loss_agg, norm_len=norm_len, units=units)
+    kl_t = _kl_per_token(logprob, ref_logprob, mask, kl_estimator)
+    if kl_coef > 0:
+        loss = loss + kl_coef * agg_loss(kl_t, mask, loss_agg, norm_len=norm_len, units=units)
+    if entropy_coef != 0:
+        loss = loss + entropy_bonus(entropy, mask, coef=entropy_coef, loss_agg=loss_agg, norm_len=norm_len, units=units)
+    reasoning = None if entropy is None else classify_tokens(entropy, mask, rho)
+    stats = _diagnostics(surrogate, mask, reasoning, entropy, kl_t, mask, loss_agg, norm_len, logprob, old_logprob)
+    return loss, stats
+
+
+def _with_cov(surrogate: Surrogate, cov: ClipCov | KLCov, chosen: Tensor, log_ratio: Tensor) -> Surrogate:
+    """Clip-Cov: pg_t = 0 on the chosen tokens (counted as clipped). KL-Cov: pg_t += β·|δ_t| on them."""
+    if isinstance(cov, ClipCov):
+        return replace(surrogate, pg=torch.where(chosen, 0.0, surrogate.pg), clipped=surrogate.clipped | chosen)
+    return replace(surrogate, pg=surrogate.pg + torch.where(chosen, cov.coef * log_ratio.abs(), 0.0))
+
+
+def _single_band_surrogate(
+    logprob: Tensor, old_logprob: Tensor, advantages: Tensor, mask: Tensor, clip: tuple[float, float] | None,
+    dual_clip: float | None,
+) -> Surrogate:
+    """:func:`clipped_surrogate` with one band ``clip`` (None: no ratio clip, i.e. the band [0, ∞))."""
+    if clip is not None:
+        _check_clip("clip", clip)
+    _check_dual_clip(dual_clip)
+    clip_low, clip_high = (1.0, float("inf")) if clip is None else clip
+    return clipped_surrogate(logprob, old_logprob, advantages, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip)
+
+
+def clipped_cov_tokens(
+    cov: ClipCov | KLCov,
+    logprob: Tensor,
+    old_logprob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    *,
+    clip: tuple[float, float] | None,
+    dual_clip: float | None,
+    generator: torch.Generator | None = None,
+    gather: Gather | None = None,
+) -> Tensor:
+    """The tokens ``cov`` acts on in :func:`clipped_policy_loss` with these ``clip`` / ``dual_clip``
+    settings, bool ``[B, T]``: :func:`~archer.algorithms.covariance.select_cov_tokens` with the
+    surrogate's clipped tokens excluded (Clip-Cov). ``gather`` spans several ranks (the mini-batch
+    context); ``generator`` draws the per-token keys (Clip-Cov's random choice, KL-Cov's tie-break).
+    """
+    mask = response_mask.bool()
+    with torch.no_grad():
+        excluded = None
+        if isinstance(cov, ClipCov):
+            excluded = _single_band_surrogate(logprob.detach(), old_logprob, advantages, mask, clip, dual_clip).clipped
+        token_adv = _token_advantages(advantages, mask)
+        return select_cov_tokens(cov, logprob, token_adv, mask, excluded=excluded, generator=generator, gather=gather)
+
+
 def clipped_policy_loss(
     logprob: Tensor,
     old_logprob: Tensor,
     advantages: Tensor,
     response_mask: Tensor,
     *,
-    clip: tuple[float, float] = (0.2, 0.2),
+    clip: tuple[float, float] | None = (0.2, 0.2),
     dual_clip: float | None = 10.0,
     loss_agg: AggregationMode = "token-mean",
     ref_logprob: Tensor | None = None,
@@ -201,29 +341,44 @@ def clipped_policy_loss(
     entropy: Tensor | None = None,
     rho: float = 0.8,
     units: Units = None,
+    pg_weight: Tensor | None = None,
+    entropy_coef: float = 0.0,
+    cov: ClipCov | KLCov | None = None,
+    cov_tokens: Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, dict[str, Ratio]]:
-    """Vanilla PPO/GRPO/DAPO: ``agg(pg_t) + kl_coef · agg(KL_t)`` with one clip band for every token.
+    """Vanilla PPO/GRPO/DAPO: ``agg(w_t·pg_t) + kl_coef · agg(KL_t) − entropy_coef · agg(H_t)`` with one clip band.
 
-    ``clip = (ε⁻, ε⁺)``; ``dual_clip = c`` (None disables); ``kl_coef`` = β (needs ``ref_logprob``);
-    ``entropy`` (optional) only types tokens at ``rho`` for the per-type diagnostics; ``units``
-    divides both aggregates (module docstring).
+    ``clip = (ε⁻, ε⁺)`` (None: no ratio clip, pg_t = −A_t r_t); ``dual_clip = c`` (None disables);
+    ``kl_coef`` = β (needs ``ref_logprob``); ``entropy`` (optional unless ``entropy_coef`` ≠ 0)
+    types tokens at ``rho`` for the per-type diagnostics; ``units`` divides the aggregates and
+    ``pg_weight`` weighs pg_t (module docstring).
+
+    ``cov``: Clip-Cov or KL-Cov (:mod:`~archer.algorithms.covariance`). Clip-Cov sets pg_t = 0 on
+    its chosen tokens (reported as clipped); KL-Cov adds β·|δ_t| to pg_t on its tokens (so the
+    penalty is part of pg_t: weighted by w_t and reported in pg_loss, as in verl).
+    ``cov_tokens`` (bool ``[B, T]``): the chosen tokens, selected over a larger batch (the
+    mini-batch context); None selects them over this batch, with keys from ``generator`` (Clip-Cov's
+    random choice, KL-Cov's tie-break; None: torch's global generator). Clip-Cov candidates exclude
+    tokens this surrogate already clips.
     """
-    _check_shapes(response_mask, logprob=logprob, old_logprob=old_logprob, ref_logprob=ref_logprob, entropy=entropy)
-    _check_clip("clip", clip)
-    _check_dual_clip(dual_clip)
-    if kl_coef > 0 and ref_logprob is None:
-        raise ValueError(f"kl_coef = {kl_coef} > 0 needs ref_logprob")
-    mask = response_mask.bool()
-    surrogate = clipped_surrogate(
-        logprob, old_logprob, advantages, mask, clip_low=clip[0], clip_high=clip[1], dual_clip=dual_clip
+    _check_shapes(
+        response_mask, logprob=logprob, old_logprob=old_logprob, ref_logprob=ref_logprob, entropy=entropy,
+        cov_tokens=cov_tokens,
     )
-    loss = agg_loss(surrogate.pg, mask, loss_agg, norm_len=norm_len, units=units)
-    kl_t = _kl_per_token(logprob, ref_logprob, mask, kl_estimator)
-    if kl_coef > 0:
-        loss = loss + kl_coef * agg_loss(kl_t, mask, loss_agg, norm_len=norm_len, units=units)
-    reasoning = None if entropy is None else classify_tokens(entropy, mask, rho)
-    stats = _diagnostics(surrogate, mask, reasoning, entropy, kl_t, mask, loss_agg, norm_len, logprob, old_logprob)
-    return loss, stats
+    mask = response_mask.bool()
+    surrogate = _single_band_surrogate(logprob, old_logprob, advantages, mask, clip, dual_clip)
+    if cov is not None:
+        if cov_tokens is None:
+            cov_tokens = clipped_cov_tokens(
+                cov, logprob, old_logprob, advantages, mask, clip=clip, dual_clip=dual_clip, generator=generator
+            )
+        surrogate = _with_cov(surrogate, cov, cov_tokens.bool() & mask, _log_ratio(logprob, old_logprob, mask))
+    return surrogate_loss(
+        surrogate, logprob, old_logprob, mask, loss_agg=loss_agg, norm_len=norm_len, units=units, pg_weight=pg_weight,
+        ref_logprob=ref_logprob, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy=entropy,
+        entropy_coef=entropy_coef, rho=rho,
+    )
 
 
 def dual_token_loss(
@@ -246,6 +401,8 @@ def dual_token_loss(
     units: Units = None,
     knowledge_units: Units = None,
     reasoning_units: Units = None,
+    pg_weight: Tensor | None = None,
+    entropy_coef: float = 0.0,
 ) -> tuple[Tensor, dict[str, Ratio]]:
     """Archer's dual-token loss (arXiv 2507.15778): ``agg(pg_t) + β_k·KL_know + β_r·KL_reas``.
 
@@ -254,8 +411,8 @@ def dual_token_loss(
     ``knowledge_clip`` (ε⁻, ε⁺) and β_k = ``knowledge_kl``; reasoning tokens ``reasoning_clip`` and
     β_r = ``reasoning_kl``. PG is one aggregate over all valid tokens; KL_know / KL_reas are the
     same aggregation restricted to that type's tokens. ``ref_logprob`` may be None only if both β are 0.
-    ``units`` / ``knowledge_units`` / ``reasoning_units`` divide the PG / KL_know / KL_reas
-    aggregates (module docstring).
+    ``units`` / ``knowledge_units`` / ``reasoning_units`` divide the PG (and entropy bonus) / KL_know /
+    KL_reas aggregates; ``pg_weight`` and ``entropy_coef`` as in the module docstring.
     """
     _check_shapes(response_mask, logprob=logprob, old_logprob=old_logprob, ref_logprob=ref_logprob, entropy=entropy)
     _check_clip("knowledge_clip", knowledge_clip)
@@ -275,12 +432,15 @@ def dual_token_loss(
         clip_high=torch.where(reasoning, reasoning_clip[1], knowledge_clip[1]),
         dual_clip=dual_clip,
     )
+    surrogate = _weighted(surrogate, pg_weight, mask)
     loss = agg_loss(surrogate.pg, mask, loss_agg, norm_len=norm_len, units=units)
     kl_t = _kl_per_token(logprob, ref_logprob, mask, kl_estimator)
     if knowledge_kl > 0:
         loss = loss + knowledge_kl * agg_loss(kl_t, knowledge, loss_agg, norm_len=norm_len, units=knowledge_units)
     if reasoning_kl > 0:
         loss = loss + reasoning_kl * agg_loss(kl_t, reasoning, loss_agg, norm_len=norm_len, units=reasoning_units)
+    if entropy_coef != 0:
+        loss = loss + entropy_bonus(entropy, mask, coef=entropy_coef, loss_agg=loss_agg, norm_len=norm_len, units=units)
     stats = _diagnostics(surrogate, mask, reasoning, entropy, kl_t, mask, loss_agg, norm_len, logprob, old_logprob)
     return loss, stats
 
@@ -300,6 +460,9 @@ def high_entropy_mask_loss(
     norm_len: int | None = None,
     threshold: Tensor | float | None = None,
     units: Units = None,
+    pg_weight: Tensor | None = None,
+    entropy_coef: float = 0.0,
+    entropy_units: Units = None,
 ) -> tuple[Tensor, dict[str, Ratio]]:
     """"80/20" (arXiv 2506.01939): PG only through tokens with H_t > q, aggregated over those tokens.
 
@@ -309,6 +472,7 @@ def high_entropy_mask_loss(
     tensors, e.g. on all ranks); it replaces the one computed from ``entropy``. The kept tokens are
     reported as the "reasoning" type; the result equals :func:`clipped_policy_loss` with
     ``response_mask`` replaced by the kept tokens. ``units`` counts the kept tokens' units. No KL term.
+    The entropy bonus (``entropy_coef``) runs over all valid tokens, divided by ``entropy_units``.
     """
     _check_shapes(response_mask, logprob=logprob, old_logprob=old_logprob, entropy=entropy)
     _check_clip("clip", clip)
@@ -318,8 +482,11 @@ def high_entropy_mask_loss(
         threshold = entropy_threshold(entropy, mask, rho, level=level)
     kept = (entropy.detach().double() > threshold) & mask
     surrogate = clipped_surrogate(
-        logprob, old_logprob, advantages, kept, clip_low=clip[0], clip_high=clip[1], dual_clip=dual_clip
+        logprob, old_logprob, advantages, mask, clip_low=clip[0], clip_high=clip[1], dual_clip=dual_clip
     )
-    pg_loss = agg_loss(surrogate.pg, kept, loss_agg, norm_len=norm_len, units=units)
+    surrogate = _weighted(surrogate, pg_weight, mask)
+    loss = agg_loss(surrogate.pg, kept, loss_agg, norm_len=norm_len, units=units)  # only the kept tokens count
+    if entropy_coef != 0:
+        loss = loss + entropy_bonus(entropy, mask, coef=entropy_coef, loss_agg=loss_agg, norm_len=norm_len, units=entropy_units)
     stats = _diagnostics(surrogate, kept, kept, entropy, None, mask, loss_agg, norm_len, logprob, old_logprob)
-    return pg_loss, stats
+    return loss, stats

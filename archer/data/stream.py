@@ -4,8 +4,11 @@ The stream walks through global batches numbered 0, 1, 2, ... without end. Globa
 batch ``k mod B`` of epoch ``k // B`` (``B = len(items) // global_batch_size`` batches per epoch; the
 last partial batch of an epoch is dropped so that every epoch has the same number of batches). Each
 epoch visits the items in a permutation seeded by ``(seed, epoch)``, so epochs differ and a rerun
-repeats them. Rank ``r`` of ``W`` gets the slice ``[r·b, (r+1)·b)`` of each global batch,
-``b = global_batch_size / W``: ranks see disjoint prompts and together the whole global batch.
+repeats them. Rank ``r`` of ``W`` gets the items ``r, r + W, r + 2W, ...`` of each global batch:
+ranks see disjoint prompts and together the whole global batch, and any contiguous block of ``M``
+global positions (``M`` a multiple of ``W``) is a contiguous block of ``M / W`` items on every rank —
+so a mini-batch of the global batch is the same set of prompts on any number of ranks
+(:mod:`archer.micro_batches`).
 
 Its position (``batches_delivered``) is the only state: after ``load_state_dict`` the next batch
 yielded is global batch ``batches_delivered``, exactly as in an uninterrupted run.
@@ -73,16 +76,15 @@ class PromptStream(IterableDataset):
         return self._epoch_order[1]
 
     def global_batch_indices(self, index: int) -> list[int]:
-        """Item indices of global batch ``index`` (all ranks' shares, rank 0's first)."""
+        """Item indices of global batch ``index`` (rank ``r``'s share is ``[r::world_size]``)."""
         epoch, batch_in_epoch = divmod(index, self.batches_per_epoch)
         start = batch_in_epoch * self.global_batch_size
         return self.epoch_order(epoch)[start : start + self.global_batch_size]
 
     def __iter__(self) -> Iterator[list[dict[str, Any]]]:
-        per_rank = self.global_batch_size // self.world_size
         while True:
             index = self.next_index
-            share = self.global_batch_indices(index)[self.rank * per_rank : (self.rank + 1) * per_rank]
+            share = self.global_batch_indices(index)[self.rank :: self.world_size]
             batch = [{**self.items[i], STREAM_INDEX_KEY: index} for i in share]
             # Count the batch when it is yielded; a consumer that reads ahead (Lightning's
             # prefetching) corrects the count with mark_delivered when the batch is really used.

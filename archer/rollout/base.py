@@ -1,6 +1,8 @@
 """The rollout protocol: prompts in, ``n`` sampled completions per prompt out.
 
-An engine is anything with ``setup``, ``generate`` and ``load_weights``. ``HFEngine`` samples with
+An engine is anything with ``setup``, ``generate`` and ``load_weights``; an optional class attribute
+``logprobs_match_trainer`` (default False) says that its log-probs are the trainer's own, so no
+rollout correction is needed. ``HFEngine`` samples with
 the live actor (``transformers.generate``); ``VLLMEngine`` runs vLLM's offline engine colocated in
 the training process and receives the actor's weights in place after each optimizer step.
 Users plug their own engine with ``model.rollout.class_path`` in YAML.
@@ -55,8 +57,9 @@ class Completion:
 class RolloutEngine(Protocol):
     """Prompts (token ids) in, ``n`` completions per prompt out."""
 
-    def setup(self, actor: nn.Module, tokenizer, model_path: str) -> None:
-        """Bind the engine to the training actor; called once, after the actor exists."""
+    def setup(self, actor: nn.Module | None, tokenizer, model_path: str) -> None:
+        """Bind the engine to the training actor; called once, after the actor exists. ``actor`` is
+        None when there is no live model (evaluating a saved folder): the engine loads ``model_path``."""
 
     def generate(
         self, prompt_token_ids: list[list[int]], sampling: SamplingConfig

@@ -45,6 +45,9 @@ class HFEngine:
             token, so this bounds that memory: ``batch_size × max_new_tokens × vocab × 4`` bytes.
     """
 
+    logprobs_match_trainer = True
+    """The samples come from the actor itself: its log-probs are the trainer's (no correction needed)."""
+
     def __init__(self, batch_size: int | None = None) -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"HFEngine batch_size must be >= 1 or None, got {batch_size}")
@@ -53,8 +56,10 @@ class HFEngine:
         self.eos_token_id: int | None = None
         self.pad_token_id: int | None = None
 
-    def setup(self, actor: nn.Module, tokenizer, model_path: str) -> None:
+    def setup(self, actor: nn.Module | None, tokenizer, model_path: str) -> None:
         """Bind to the actor; ``model_path`` is unused (the actor already holds the weights)."""
+        if actor is None:
+            raise ValueError("HFEngine samples with a live actor; setup needs one (load the model from model_path first)")
         if tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer from {model_path!r} has no eos_token_id; HFEngine needs one to stop")
         self.actor = actor

@@ -102,6 +102,9 @@ class VLLMEngine:
         engine_kwargs: Further keyword arguments for ``vllm.LLM``.
     """
 
+    logprobs_match_trainer = False
+    """vLLM's kernels (and dtype) differ from the trainer's: its log-probs are the behaviour policy's."""
+
     def __init__(
         self,
         gpu_memory_utilization: float = 0.5,

@@ -1,9 +1,9 @@
-"""GRPO / Dr.GRPO / RLOO advantages on hand-computed groups."""
+"""GRPO / Dr.GRPO / RLOO / REINFORCE++-baseline advantages on hand-computed groups."""
 
 import pytest
 import torch
 
-from archer.algorithms import compute_advantages, grpo_advantages, rloo_advantages
+from archer.algorithms import compute_advantages, grpo_advantages, reinforce_pp_baseline_advantages, rloo_advantages
 
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0])  # two groups of 4
 
@@ -32,7 +32,21 @@ def test_rloo_leave_one_out():
     torch.testing.assert_close(compute_advantages(REWARDS, 4, "rloo"), expected)
 
 
-@pytest.mark.parametrize("estimator", ["grpo", "drgrpo", "rloo"])
+def test_reinforce_pp_baseline_divides_by_the_batch_std():
+    # Group-centred: [0.75, −0.25, −0.25, −0.25, 0.5, 0.5, −0.5, −0.5]; over the 8: Σx = 0,
+    # Σx² = 0.5625 + 3·0.0625 + 4·0.25 = 1.75 → unbiased var 1.75/7 = 0.25, std 0.5 (one std for both groups).
+    centred = torch.tensor([0.75, -0.25, -0.25, -0.25, 0.5, 0.5, -0.5, -0.5])
+    expected = centred / (0.5 + 1e-6)
+    torch.testing.assert_close(compute_advantages(REWARDS, 4, "reinforce_pp_baseline"), expected)
+    # Rank 0 holds group 1; rank 1's moments (count, Σx, Σx²) = (4, 0, 1.0): summed over ranks, the same std.
+    rank1 = torch.tensor([4.0, 0.0, 1.0], dtype=torch.float64)
+    half = reinforce_pp_baseline_advantages(REWARDS[:4], 4, sum_over_ranks=lambda moments: moments + rank1)
+    torch.testing.assert_close(half, expected[:4])
+    # Alone, group 1 has Σx² = 0.75 over 4 → var 0.25, std 0.5 as well; group 2 alone: var 1/3.
+    torch.testing.assert_close(reinforce_pp_baseline_advantages(REWARDS[4:], 4), centred[4:] / (3 ** -0.5 + 1e-6))
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "drgrpo", "rloo", "reinforce_pp_baseline"])
 def test_uninformative_groups_give_exact_zero_not_nan(estimator):
     # 0.1·3 = 0.30000000000000004 in floating point: a plain mean leaves a residue; we want exactly 0.
     equal = torch.tensor([0.1, 0.1, 0.1, 1.0, 0.0, 1.0], dtype=torch.float64)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from archer.algorithms import kl_penalty
+from archer.algorithms import kl_in_reward, kl_penalty
 
 
 def test_estimators_hand_computed():
@@ -38,3 +38,19 @@ def test_unknown_estimator_and_shape_mismatch():
         kl_penalty(torch.zeros(1, 1), torch.zeros(1, 1), "k4")
     with pytest.raises(ValueError, match="differ in shape"):
         kl_penalty(torch.zeros(1, 2), torch.zeros(1, 1), "k1")
+
+
+def test_kl_in_reward_subtracts_the_summed_penalty():
+    # Row 0: ℓ_old = [ln 0.5, ln 0.5], ℓ_ref = [ln 0.25, ln 0.5] → k1 = [ln 2, 0], k3 = [0.1931472, 0].
+    # Row 1: one valid token with ℓ_old = ℓ_ref (0), then padding with garbage.
+    old = torch.tensor([[math.log(0.5), math.log(0.5)], [0.0, float("nan")]])
+    ref = torch.tensor([[math.log(0.25), math.log(0.5)], [0.0, 3.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    rewards = torch.tensor([1.0, 0.0])
+    shaped = kl_in_reward(rewards, old, ref, mask, beta=0.1, estimator="k1")
+    torch.testing.assert_close(shaped, torch.tensor([1.0 - 0.1 * math.log(2), 0.0]))
+    shaped = kl_in_reward(rewards, old.requires_grad_(), ref, mask, beta=0.1)  # k3 by default
+    torch.testing.assert_close(shaped, torch.tensor([1.0 - 0.1 * 0.1931472, 0.0]))
+    assert not shaped.requires_grad
+    with pytest.raises(ValueError, match="rewards"):
+        kl_in_reward(torch.zeros(3), old, ref, mask, beta=0.1)

@@ -111,3 +111,43 @@ def test_bad_inputs_are_rejected_with_a_clear_error():
         token_logprobs_and_entropy(hidden, weight, torch.tensor([[1, 2]]), temperature=0.0)
     with pytest.raises(ValueError, match="lm_head_weight"):
         token_logprobs_and_entropy(hidden, torch.randn(10, 5), torch.tensor([[1, 2]]))
+
+
+def test_hand_computed_entropy_gradient():
+    # z = [0, ln 3] at τ = 2 (logits [0, 2 ln 3]): p = [1/4, 3/4], Σ p z = (3/4) ln 3.
+    # ∂H/∂x = −p (z − Σ p z)/τ = −[1/4 · (−3/4 ln 3), 3/4 · (1/4 ln 3)]/2 = [3/32 ln 3, −3/32 ln 3] = [0.1029961, −0.1029961].
+    logits = torch.tensor([[[0.0, 2 * math.log(3.0)]]], requires_grad=True)
+    _, entropy = logprobs_and_entropy_from_logits(logits, torch.tensor([[1]]), temperature=2.0, entropy_grad=True)
+    entropy.sum().backward()
+    torch.testing.assert_close(logits.grad, torch.tensor([[[3 / 32 * math.log(3.0), -3 / 32 * math.log(3.0)]]]))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 1024])
+def test_entropy_gradient_matches_float64_autograd_on_both_paths(chunk_size):
+    torch.manual_seed(4)
+    batch, length, width, vocab, temperature = 2, 5, 8, 30, 0.7  # 10 rows: chunk 4 leaves a remainder
+    hidden = torch.randn(batch, length, width, requires_grad=True)
+    weight = torch.randn(vocab, width, requires_grad=True)
+    bias = torch.randn(vocab, requires_grad=True)
+    targets = torch.randint(0, vocab, (batch, length))
+    upstream_logprob, upstream_entropy = torch.randn(batch, length), torch.randn(batch, length)
+    ref_logprob, ref_entropy = _naive(hidden, weight, bias, targets, temperature)
+    ref_objective = (ref_logprob * upstream_logprob.double() + ref_entropy * upstream_entropy.double()).sum()
+    params = [hidden, weight, bias]
+    ref_grads = torch.autograd.grad(ref_objective, params)
+
+    logprob, entropy = token_logprobs_and_entropy(
+        hidden, weight, targets, temperature=temperature, chunk_size=chunk_size, lm_head_bias=bias, entropy_grad=True
+    )
+    grads = torch.autograd.grad((logprob * upstream_logprob + entropy * upstream_entropy).sum(), params)
+    for grad, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref, atol=1e-4, rtol=1e-4)
+
+    logits = (hidden.detach().double() @ weight.detach().double().t() + bias.detach().double()).float().requires_grad_()
+    logprob, entropy = logprobs_and_entropy_from_logits(
+        logits, targets, temperature=temperature, chunk_size=chunk_size, entropy_grad=True
+    )
+    (grad,) = torch.autograd.grad((logprob * upstream_logprob + entropy * upstream_entropy).sum(), logits)
+    logp = torch.log_softmax(logits.double() / temperature, -1)
+    ref = (logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * upstream_logprob + -(logp.exp() * logp).sum(-1) * upstream_entropy).sum()
+    torch.testing.assert_close(grad, torch.autograd.grad(ref, logits)[0], atol=1e-5, rtol=1e-5)

@@ -8,9 +8,14 @@ import torch
 from archer.algorithms import (
     AGGREGATION_MODES,
     STAT_KEYS,
+    ClipCov,
+    KLCov,
     Ratio,
+    cispo_loss,
     clipped_policy_loss,
     dual_token_loss,
+    entropy_bonus,
+    gspo_loss,
     high_entropy_mask_loss,
 )
 
@@ -134,14 +139,23 @@ def _random_batch(seed, batch=4, length=9, dtype=torch.float32):
     return logprob, old, ref, advantages, entropy, mask
 
 
-def _all_losses(logprob, old, ref, advantages, entropy, mask, mode):
+def _all_losses(logprob, old, ref, advantages, entropy, mask, mode, **options):
+    """Every policy loss, ``options`` (pg_weight, entropy_coef) passed to each."""
+    vanilla = {"ref_logprob": ref, "kl_coef": 0.1, "entropy": entropy}
     return {
-        "vanilla": clipped_policy_loss(
-            logprob, old, advantages, mask, loss_agg=mode, ref_logprob=ref, kl_coef=0.1, entropy=entropy
+        "vanilla": clipped_policy_loss(logprob, old, advantages, mask, loss_agg=mode, **vanilla, **options),
+        "archer": dual_token_loss(logprob, old, ref, advantages, entropy, mask, loss_agg=mode, reasoning_kl=0.05, **options),
+        "mask_response": high_entropy_mask_loss(logprob, old, advantages, entropy, mask, loss_agg=mode, **options),
+        "mask_batch": high_entropy_mask_loss(logprob, old, advantages, entropy, mask, loss_agg=mode, level="batch", **options),
+        "clip_cov": clipped_policy_loss(
+            logprob, old, advantages, mask, loss_agg=mode, cov=ClipCov(ratio=0.3, low=-1.0, high=1.0),
+            generator=torch.Generator().manual_seed(0), **vanilla, **options,
         ),
-        "archer": dual_token_loss(logprob, old, ref, advantages, entropy, mask, loss_agg=mode, reasoning_kl=0.05),
-        "mask_response": high_entropy_mask_loss(logprob, old, advantages, entropy, mask, loss_agg=mode),
-        "mask_batch": high_entropy_mask_loss(logprob, old, advantages, entropy, mask, loss_agg=mode, level="batch"),
+        "kl_cov": clipped_policy_loss(
+            logprob, old, advantages, mask, loss_agg=mode, clip=None, cov=KLCov(ratio=0.3), **vanilla, **options
+        ),
+        "gspo": gspo_loss(logprob, old, advantages, mask, clip=(0.1, 0.1), **vanilla, **options),
+        "cispo": cispo_loss(logprob, old, advantages, mask, clip=(0.2, 0.3), loss_agg=mode, **vanilla, **options),
     }
 
 
@@ -150,13 +164,18 @@ def test_padding_never_affects_loss_or_gradients(mode):
     logprob, old, ref, advantages, entropy, mask = _random_batch(1)
     garbage = torch.randn(mask.shape) * 1e3  # large random values at padding
     padded = ~mask
+    weight = torch.rand(mask.shape) * 2
 
     def scrambled(tensor):
         return torch.where(padded, garbage, tensor.detach())
 
     logprob2 = scrambled(logprob).requires_grad_()
-    first = _all_losses(logprob, old, ref, advantages, entropy, mask, mode)
-    second = _all_losses(logprob2, scrambled(old), scrambled(ref), scrambled(advantages), scrambled(entropy), mask, mode)
+    options = {"entropy_coef": 0.01}
+    first = _all_losses(logprob, old, ref, advantages, entropy, mask, mode, pg_weight=weight, **options)
+    second = _all_losses(
+        logprob2, scrambled(old), scrambled(ref), scrambled(advantages), scrambled(entropy), mask, mode,
+        pg_weight=torch.where(padded, float("nan"), weight), **options,
+    )
     for name in first:
         assert torch.equal(first[name][0], second[name][0]), name
         (grad1,) = torch.autograd.grad(first[name][0], logprob)
@@ -262,3 +281,52 @@ def test_invalid_settings_are_rejected():
         dual_token_loss(logprob, old, ref, advantages, entropy, mask, reasoning_clip=(-0.1, 0.5))
     with pytest.raises(ValueError, match="old_logprob"):
         clipped_policy_loss(logprob, old[:, :2], advantages, mask)
+
+
+def test_pg_weight_multiplies_the_pg_term_only():
+    logprob, old, ref, advantages, entropy, mask = _random_batch(9, dtype=torch.float64)
+    batch = (logprob, old, ref, advantages, entropy, mask, "token-mean")
+    ones = torch.ones(mask.shape, dtype=torch.float64)
+
+    def losses(**options):
+        return {name: loss for name, (loss, _) in _all_losses(*batch, **options).items()}
+
+    plain, one, zero, three = losses(), losses(pg_weight=ones), losses(pg_weight=0 * ones), losses(pg_weight=3 * ones)
+    no_advantage = (logprob, old, ref, torch.zeros_like(advantages), entropy, mask, "token-mean")
+    silent = {name: loss for name, (loss, _) in _all_losses(*no_advantage).items()}
+    for name in plain:
+        assert torch.equal(one[name], plain[name]), name  # w = 1 changes nothing
+        # The weighted part is linear in w; KL and the denominators are untouched.
+        torch.testing.assert_close(three[name] - zero[name], 3 * (one[name] - zero[name]), msg=name)
+        for_grad = torch.autograd.grad(three[name] - zero[name] - 3 * (one[name] - zero[name]), logprob)[0]
+        torch.testing.assert_close(for_grad, torch.zeros_like(for_grad), msg=name)
+        if name != "kl_cov":  # (KL-Cov's penalty is part of pg_t, so A = 0 keeps it while w = 0 removes it)
+            torch.testing.assert_close(zero[name], silent[name], msg=name)  # w = 0: only the KL terms remain
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_entropy_bonus_is_added_to_every_loss_with_its_gradient(mode):
+    logprob, old, ref, advantages, entropy, mask = _random_batch(10, dtype=torch.float64)
+    entropy = entropy.requires_grad_()
+    with_bonus = _all_losses(logprob, old, ref, advantages, entropy, mask, mode, entropy_coef=0.1)
+    without = _all_losses(logprob, old, ref, advantages, entropy, mask, mode)
+    # Reference: −0.1 · (token mean of H, or mean over non-empty responses of their token mean of H).
+    token_mean = -0.1 * entropy[mask].mean()
+    rows = [entropy[i][mask[i]].mean() for i in range(mask.shape[0]) if mask[i].any()]
+    seq_mean = -0.1 * torch.stack(rows).mean()
+    references = {kind: (value, torch.autograd.grad(value, entropy)[0]) for kind, value in (("token", token_mean), ("seq", seq_mean))}
+    for name in with_bonus:
+        expected, expected_grad = references["seq" if mode == "seq-mean-token-mean" or name == "gspo" else "token"]
+        torch.testing.assert_close(with_bonus[name][0] - without[name][0], expected, msg=name)
+        torch.testing.assert_close(torch.autograd.grad(with_bonus[name][0], entropy)[0], expected_grad, msg=name)
+        assert torch.autograd.grad(without[name][0], entropy, allow_unused=True)[0] is None, name
+    with pytest.raises(ValueError, match="entropy_coef"):
+        clipped_policy_loss(logprob, old, advantages, mask, entropy_coef=0.1)
+
+
+def test_entropy_bonus_by_hand():
+    # H = [1, 2 | padding]: token mean 1.5 → −0.1·1.5 = −0.15; ∂/∂H = −0.1/2 per valid token.
+    entropy = torch.tensor([[1.0, 2.0, float("nan")]], dtype=torch.float64, requires_grad=True)
+    bonus = entropy_bonus(entropy, torch.tensor([[1, 1, 0]]), coef=0.1)
+    torch.testing.assert_close(bonus, torch.tensor(-0.15, dtype=torch.float64))
+    torch.testing.assert_close(torch.autograd.grad(bonus, entropy)[0], torch.tensor([[-0.05, -0.05, 0.0]], dtype=torch.float64))

@@ -6,7 +6,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from archer.algorithms import AGGREGATION_MODES, agg_loss, classify_tokens, dual_token_loss
+from archer.algorithms import (
+    AGGREGATION_MODES,
+    agg_loss,
+    cispo_loss,
+    classify_tokens,
+    dual_token_loss,
+    gspo_loss,
+    rollout_correction_weights,
+)
 
 SETTINGS = settings(max_examples=30, deadline=None)
 
@@ -29,21 +37,24 @@ def reference_reasoning(entropy, mask, rho):
     return typed
 
 
-def reference_aggregate(values, tokens, mode, norm_len):
-    """values[i][t] over the (i, t) with tokens[i][t] True, by the formulas of aggregation.py."""
+def reference_agg_weights(tokens, mode, norm_len):
+    """∂agg/∂L[i][t]: every aggregation mode of aggregation.py is Σ_(i,t) w[i][t]·L[i][t] over the tokens."""
     if mode == "token-mean":
-        picked = [v for row, keep in zip(values, tokens) for v, k in zip(row, keep) if k]
-        return sum(picked) / len(picked) if picked else 0.0
-    per_seq = []
-    for row, keep in zip(values, tokens):
-        picked = [v for v, k in zip(row, keep) if k]
-        if not picked:
-            continue
-        total = sum(picked)
-        per_seq.append(
-            {"seq-mean-token-sum": total, "seq-mean-token-mean": total / len(picked), "seq-mean-token-sum-norm": total / norm_len}[mode]
-        )
-    return sum(per_seq) / len(per_seq) if per_seq else 0.0
+        count = sum(sum(row) for row in tokens)
+        return [[1.0 / count if k else 0.0 for k in row] for row in tokens]
+    responses = sum(1 for row in tokens if any(row))
+    weights = []
+    for row in tokens:
+        n_i = sum(row)
+        per_token = {"seq-mean-token-sum": 1.0, "seq-mean-token-mean": 1.0 / max(n_i, 1), "seq-mean-token-sum-norm": 1.0 / norm_len}[mode]
+        weights.append([per_token / responses if k else 0.0 for k in row])
+    return weights
+
+
+def reference_aggregate(values, tokens, mode, norm_len):
+    """values[i][t] over the (i, t) with tokens[i][t] True, by the formulas of aggregation.py (0 if none)."""
+    weights = reference_agg_weights(tokens, mode, norm_len)
+    return sum(w * v for w_row, v_row in zip(weights, values) for w, v in zip(w_row, v_row) if w)
 
 
 def reference_dual_token_loss(logprob, old, ref, adv, entropy, mask, rho, know_clip, reas_clip, beta_k, beta_r, dual_clip, mode):
@@ -71,6 +82,68 @@ def reference_dual_token_loss(logprob, old, ref, adv, entropy, mask, rho, know_c
         + beta_k * reference_aggregate(kl, knowledge, mode, length)
         + beta_r * reference_aggregate(kl, reasoning, mode, length)
     )
+
+
+def clamp(value, low, high):
+    return min(max(value, low), high)
+
+
+def reference_gspo(logprob, old, adv, mask, clip):
+    """GSPO-token loss and its gradient ∂loss/∂ℓ[i][t], by the formulas of gspo.py, written out."""
+    rows = [i for i in range(len(mask)) if any(mask[i])]
+    loss, grad = 0.0, [[0.0] * len(row) for row in mask]
+    for i in rows:
+        valid = [t for t, m in enumerate(mask[i]) if m]
+        n = len(valid)
+        s = math.exp(clamp(sum(clamp(logprob[i][t] - old[i][t], -20, 20) for t in valid) / n, -20, 20))
+        in_band = 1 - clip[0] <= s <= 1 + clip[1]
+        for t in valid:
+            a = adv[i][t]
+            unclipped, clipped = -a * s, -a * clamp(s, 1 - clip[0], 1 + clip[1])
+            loss += max(unclipped, clipped) / n / len(rows)
+            # ∂s_{i,t}/∂ℓ_t = s: the gradient flows where the unclipped branch is taken (or s is in the band).
+            if in_band or unclipped > clipped:
+                grad[i][t] = -a * s / n / len(rows)
+    return loss, grad
+
+
+def reference_cispo(logprob, old, adv, mask, clip, mode, norm_len):
+    """CISPO loss Σ w_t·(−r̂_t A_t ℓ_t) (w: the aggregation weights) and its gradient −w_t r̂_t A_t."""
+    weights = reference_agg_weights([[bool(m) for m in row] for row in mask], mode, norm_len)
+    loss, grad = 0.0, [[0.0] * len(row) for row in mask]
+    for i, row in enumerate(mask):
+        for t, m in enumerate(row):
+            if m:
+                ratio = math.exp(clamp(logprob[i][t] - old[i][t], -20, 20))
+                weight = clamp(ratio, 1 - clip[0], 1 + clip[1])
+                loss += weights[i][t] * (-weight * adv[i][t] * logprob[i][t])
+                grad[i][t] = -weights[i][t] * weight * adv[i][t]
+    return loss, grad
+
+
+def reference_correction_weights(old, rollout, mask, level, mode, upper, lower):
+    """Rollout-correction weights by the formulas of rollout_correction.py, written out."""
+    lower = 1 / upper if lower is None else lower
+    weights = []
+    for old_row, roll_row, mask_row in zip(old, rollout, mask):
+        deltas = [o - r for o, r, m in zip(old_row, roll_row, mask_row) if m]
+        if level == "sequence":
+            sequence_ratio = math.exp(clamp(sum(deltas), -20, 20))
+        elif level == "geometric":
+            sequence_ratio = math.exp(clamp(sum(deltas) / max(len(deltas), 1), -20, 20))
+        row = []
+        for o, r, m in zip(old_row, roll_row, mask_row):
+            ratio = math.exp(clamp(o - r, -20, 20)) if level == "token" else sequence_ratio
+            weight = min(ratio, upper) if mode == "truncate" else float(lower <= ratio <= upper)
+            row.append(weight if m else 0.0)
+        weights.append(row)
+    return weights
+
+
+def assert_close_nested(actual, expected, tol=1e-9):
+    for actual_row, expected_row in zip(actual, expected):
+        for a, e in zip(actual_row, expected_row):
+            assert math.isclose(a, e, rel_tol=tol, abs_tol=tol), (actual, expected)
 
 
 batches = st.tuples(st.integers(1, 4), st.integers(1, 7), st.integers(0, 2**31 - 1), st.booleans())
@@ -123,3 +196,44 @@ def test_dual_token_loss_matches_float64_reference(batch, mode, rho, betas, know
         rho, knowledge_clip, (0.5, 0.4), betas[0], betas[1], 3.0, mode,
     )
     assert math.isclose(loss.item(), expected, rel_tol=1e-5, abs_tol=1e-5)
+
+
+def _draw64(batch, length, seed, coarse):
+    logprob, old, ref, adv, entropy, mask = (t.double() if t.is_floating_point() else t for t in _draw(batch, length, seed, coarse))
+    return logprob.requires_grad_(), old, ref, adv, entropy, mask
+
+
+@SETTINGS
+@given(batches, st.sampled_from([(0.2, 0.2), (0.05, 0.1), (3e-4, 4e-4)]))
+def test_gspo_matches_float64_reference_with_gradients(batch, clip):
+    logprob, old, _, adv, _, mask = _draw64(*batch)
+    loss, _ = gspo_loss(logprob, old, adv, mask, clip=clip)
+    expected, expected_grad = reference_gspo(logprob.tolist(), old.tolist(), adv.tolist(), mask.tolist(), clip)
+    assert math.isclose(loss.item(), expected, rel_tol=1e-9, abs_tol=1e-12)
+    (grad,) = torch.autograd.grad(loss, logprob) if loss.requires_grad else (torch.zeros_like(logprob),)
+    assert_close_nested(grad.tolist(), expected_grad)
+
+
+@SETTINGS
+@given(batches, st.sampled_from(AGGREGATION_MODES), st.sampled_from([(0.2, 0.2), (1.0, 4.0)]))
+def test_cispo_matches_float64_reference_with_gradients(batch, mode, clip):
+    logprob, old, _, adv, _, mask = _draw64(*batch)
+    loss, _ = cispo_loss(logprob, old, adv, mask, clip=clip, loss_agg=mode)
+    expected, expected_grad = reference_cispo(logprob.tolist(), old.tolist(), adv.tolist(), mask.tolist(), clip, mode, batch[1])
+    assert math.isclose(loss.item(), expected, rel_tol=1e-9, abs_tol=1e-12)
+    (grad,) = torch.autograd.grad(loss, logprob) if loss.requires_grad else (torch.zeros_like(logprob),)
+    assert_close_nested(grad.tolist(), expected_grad)
+
+
+@SETTINGS
+@given(
+    batches,
+    st.sampled_from(["token", "sequence", "geometric"]),
+    st.sampled_from(["truncate", "mask"]),
+    st.sampled_from([(2.0, None), (1.5, 0.8), (3.0, 0.1)]),
+)
+def test_rollout_correction_weights_match_reference(batch, level, mode, bounds):
+    _, old, rollout, _, _, mask = _draw64(*batch)  # the "ref" draw stands in for the engine's log-probs
+    weights = rollout_correction_weights(old, rollout, mask, level=level, mode=mode, upper=bounds[0], lower=bounds[1])
+    expected = reference_correction_weights(old.tolist(), rollout.tolist(), mask.tolist(), level, mode, *bounds)
+    assert_close_nested(weights.tolist(), expected)

@@ -123,7 +123,11 @@ def test_rank_split_is_disjoint_and_covers_the_global_batch():
     for step in range(5):
         shares = [per_rank[r][step] for r in range(world)]
         assert all(len(share) == 8 // world for share in shares)
-        assert sum(shares, []) == single[step]  # disjoint and covering, rank 0's share first
+        # Rank r holds global positions r, r + 4: disjoint, covering, and the first half of the global
+        # batch (a mini-batch of 4) is the first half of every rank's share.
+        for r in range(world):
+            assert shares[r] == single[step][r::world]
+        assert sorted(sum([share[:1] for share in shares], []), key=single[step].index) == single[step][:4]
     with pytest.raises(ValueError, match="multiple of world_size=3"):
         PromptStream(items, 8, rank=0, world_size=3)
 
