@@ -702,8 +702,8 @@ class ArcherModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         for name, metrics in self.val_metrics.items():
             for key, metric in metrics.items():
-                if metric.update_called:
-                    self.log(f"val/{name}/{key}", metric.compute(), add_dataloader_idx=False)
+                if metric.update_called:  # compute() syncs the sums over ranks: the same value on all of them
+                    self.log(f"val/{name}/{key}", metric.compute(), add_dataloader_idx=False, sync_dist=True)
                 metric.reset()
 
 

@@ -22,7 +22,7 @@ import pandas as pd  # noqa: E402
 
 from archer.token_view import write_token_view  # noqa: E402
 
-__all__ = ["Figure", "FIGURES", "load_metrics", "write_report"]
+__all__ = ["Figure", "FIGURES", "STEP_COLUMN", "PASS_AT_K_PATTERN", "load_metrics", "metric_series", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,16 @@ def load_metrics(run_dir: str | Path) -> pd.DataFrame:
     )
 
 
+def metric_series(metrics: pd.DataFrame, column: str) -> pd.Series:
+    """One metric's logged values indexed by step (sorted), its last value where a step logged it twice.
+
+    ``metrics`` has sparse rows (each row holds only what was logged at that step); rows of a resumed
+    run appended after the first run's rows override the steps both logged.
+    """
+    points = metrics[[STEP_COLUMN, column]].dropna()
+    return points.groupby(STEP_COLUMN)[column].last()
+
+
 def _plot(figure: Figure, metrics: pd.DataFrame, out_dir: Path) -> Path | None:
     """Draw one figure from the columns present; None (with a note) when none are."""
     axes_columns = []
@@ -127,10 +137,9 @@ def _plot(figure: Figure, metrics: pd.DataFrame, out_dir: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(axes_columns), figsize=(6 * len(axes_columns), 4), squeeze=False)
     for ax, columns in zip(axes[0], axes_columns):
         for column in columns:
-            # Sparse rows: each metric has values only at the steps where it was logged.
-            points = metrics[[STEP_COLUMN, column]].dropna().groupby(STEP_COLUMN, as_index=False).last()
+            points = metric_series(metrics, column)
             style = "--" if "/avg@" in column else "-"
-            ax.plot(points[STEP_COLUMN], points[column], style, marker="o" if len(points) < 30 else None,
+            ax.plot(points.index, points.to_numpy(), style, marker="o" if len(points) < 30 else None,
                     markersize=3, label=column)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -46,6 +46,16 @@ def main() -> None:
             score(response, truth)
             calls += 1
     rows.append(("math score calls/s (in process, 4-case mix)", f"{calls / (time.perf_counter() - start):.1f}"))
+    hostile = {
+        "megabyte response": "x" * 1_000_000 + " \\boxed{4}",
+        "unclosed 100k-deep nest": "\\boxed{" + "{" * 100_000,
+        "megabyte number": "9" * 1_000_000,
+    }
+    for name, response in hostile.items():
+        rows.append((f"math score of a {name}, ms", f"{timed(lambda r=response: score(r, '3'), 3) * 1e3:.1f}"))
+    tower = "\\boxed{2^{2^{2^{2^{2^{2^{2^{2}}}}}}}}"
+    rows.append(("math score of a power tower under timeout_s=0.5, ms",
+                 f"{timed(lambda: score(tower, '3', timeout_s=0.5), 1) * 1e3:.1f}"))
     from archer.rewards import ExactMatchReward
 
     with RewardRunner(ExactMatchReward(), num_workers=2) as runner:

@@ -1,6 +1,7 @@
 """Lightning callbacks shipped with Archer (installed as ``archer.callbacks``)."""
 
+from archer.callbacks.progress import RLProgressBar
 from archer.callbacks.token_view import TokenViewCallback
 from archer.callbacks.weight_sync import WeightSyncCallback
 
-__all__ = ["TokenViewCallback", "WeightSyncCallback"]
+__all__ = ["RLProgressBar", "TokenViewCallback", "WeightSyncCallback"]

@@ -51,6 +51,11 @@ class Completion:
     """Engine's log-prob of each sampled token at the sampling temperature (None if not given)."""
     finish_reason: FinishReason
     """``stop`` (EOS/stop token) or ``length`` (hit ``max_new_tokens``)."""
+    weight_version: int | None = None
+    """The oldest weight version that sampled any of its tokens (the number of ``load_weights``
+    calls the engine had completed when those weights went in; ``-1``: the server's checkpoint
+    after a failed sync was rolled back). None: the engine does not track versions (it samples
+    with the live actor, or colocated weights that are always current)."""
 
 
 @runtime_checkable
