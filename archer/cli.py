@@ -10,6 +10,7 @@
     archer data convert IN OUT.jsonl|OUT.parquet        # any supported data file -> normalised rows
     archer eval MODEL --data NAME=FILE --n N --k K [K ...] --out OUT_DIR   # avg@n / pass@k / maj@k
     archer eval --config eval.yaml                      # the same from a YAML file (EvalConfig fields)
+    archer compare CONFIG --variants A.yaml B.yaml --seeds 3 --out OUT [--set KEY=VALUE ...]   # head-to-head
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from lightning.pytorch.cli import LightningCLI
 from archer.data import PromptDataModule
 from archer.module import FSDP2_HINT, ArcherModule
 
-TOOLS = ("tiny-model", "report", "export", "data", "eval")
+TOOLS = ("tiny-model", "report", "export", "data", "eval", "compare")
 
 
 class ArcherCLI(LightningCLI):
@@ -163,6 +164,33 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
         command.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) bad rows instead of failing")
 
 
+def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
+    compare = sub.add_parser(
+        "compare", help="the same job under several variants and seeds: one plot per metric and a table",
+        description="Runs `archer fit --config CONFIG --config VARIANT --seed_everything=S` for every variant "
+        "and seed, one after the other (each in its own folder under OUT/runs), then writes OUT/<metric>.png "
+        "and OUT/summary.md. Run it again to resume: finished runs are skipped.",
+    )
+    compare.add_argument("config", help="the base archer fit config")
+    compare.add_argument("--variants", nargs="+", required=True, metavar="YAML",
+                         help="a second --config per variant; the file names (stems) name the variants")
+    compare.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 of every variant (default 3)")
+    compare.add_argument("--out", required=True, help="output folder")
+    compare.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                         help="passed to every run as --KEY=VALUE, e.g. --set trainer.max_steps=50 (repeat)")
+
+
+def _run_compare(args: argparse.Namespace) -> None:
+    from archer.compare import compare
+
+    summary, failed = compare(args.config, args.variants, args.seeds, args.out,
+                              _name_values(args.overrides, "--set"))
+    print(f"wrote {summary}")
+    if failed:
+        raise SystemExit(f"archer compare: {len(failed)} run(s) failed: "
+                         + ", ".join(f"{run.variant} seed {run.seed} ({run.dir}/output.log)" for run in failed))
+
+
 def _tool(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="archer")
     sub = parser.add_subparsers(dest="tool", required=True)
@@ -181,6 +209,7 @@ def _tool(argv: list[str]) -> None:
     export.add_argument("out_dir")
     _add_data_parser(sub)
     _add_eval_parser(sub)
+    _add_compare_parser(sub)
     args = parser.parse_args(argv)
 
     if args.tool == "tiny-model":
@@ -208,6 +237,8 @@ def _tool(argv: list[str]) -> None:
         _run_data(args)
     elif args.tool == "eval":
         _run_eval(args)
+    elif args.tool == "compare":
+        _run_compare(args)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,7 +36,21 @@ class UpdateConfig:
     """Prompts (global, across ranks) per optimizer step; 0 = the whole rollout batch (one step per RL step).
     Must be a multiple of the number of data-parallel ranks."""
     micro_batch_size: int = 8
-    """Sequences per forward/backward on one rank (gradient accumulation inside a mini-batch)."""
+    """Sequences per forward/backward on one rank (gradient accumulation inside a mini-batch), when
+    ``micro_batch_tokens`` is 0; also the sequences per forward of the no-grad log-prob passes then."""
+    micro_batch_tokens: int = 0
+    """Token budget of one update micro-batch on one rank; 0 cuts micro-batches by ``micro_batch_size``.
+    Above 0, rows are grouped by length (longest first) so that each micro-batch's computed tokens —
+    rows × its own longest sequence, or the sum of lengths when packed — stay within it; a longer row
+    goes alone. The update is the same either way (exact accumulation)."""
+    logprob_micro_batch_tokens: int = 0
+    """The token budget of the no-grad old/reference log-prob passes (no activations kept, so it can be
+    larger); 0 uses ``micro_batch_tokens``."""
+    packing: Literal["auto", "on", "off"] = "auto"
+    """Run a micro-batch's sequences concatenated, without padding (position ids restart per sequence).
+    ``auto``: on when the actor's attention implementation is a varlen or flex kernel
+    (``flash_attention_2``/``_3``, ``flex_attention``), whose cost stays per sequence; off for ``sdpa``
+    and ``eager`` (the CPU), where the block-diagonal mask makes attention quadratic in the packed length."""
     shuffle: bool = False
     """Visit the groups in a new seeded order each epoch (the same on every rank; the official recipe does not)."""
     logprob_chunk_size: int = 1024

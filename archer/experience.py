@@ -80,6 +80,9 @@ class Experience:
     """``[N, R]`` rollout-correction weights multiplying each token's policy-gradient term (None: off)."""
     mismatch: dict[str, Ratio]
     """Engine-vs-trainer statistics (mismatch_kl, is_weight_mean, ...), empty without engine log-probs."""
+    ranks: list[Tensor]
+    """Per data-parallel rank, its ``[N, 3]`` rows (prompt length, response length, kept): what the
+    micro-batch planner needs to plan every rank's passes identically on all of them."""
 
 
 def informative_groups(scores: Tensor, n: int) -> Tensor:

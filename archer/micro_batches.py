@@ -1,26 +1,29 @@
-"""Which rows each optimizer step and each micro-batch of one RL step trains on (pure planning).
+"""Which rows each optimizer step and each micro-batch of one RL step computes (pure planning).
 
 The rollout batch holds ``G`` groups of ``n`` samples, split over ``W`` ranks by the prompt stream
 with a stride: rank ``r``'s local group ``j`` is global group ``j·W + r``. An RL step is
 ``ppo_epochs`` passes over the batch in mini-batches of ``M`` global groups (one optimizer step
-each), and a mini-batch is cut into micro-batches of at most ``micro_batch_size`` sequences (one
-forward/backward each). The plan is defined on the *global* groups, so it is the same on any number
-of ranks, and so is the update:
+each), and each rank cuts its rows of a mini-batch into micro-batches (one forward/backward each).
+The plan is defined on the *global* groups, so it is the same on any number of ranks, and so is
+the update:
 
-1. Order the groups: each epoch visits them in their global order (or a permutation seeded for
-   the step and epoch, the same on every rank, with ``shuffle``), informative groups first —
-   dropped groups (dynamic sampling) go last, as if they had been filtered out of the batch before
-   it was split into mini-batches, as verl's recipes do. So mini-batches stay full of groups to
-   learn from, and the ones left with no informative group are skipped by the trainer.
-2. Mini-batch ``k`` is the ordered groups ``[k·M, (k+1)·M)``; each rank trains on the ones it holds.
-3. Each rank cuts its rows of the mini-batch into micro-batches. Ranks can hold different numbers
-   of rows of a mini-batch, but all must run the same number of forward/backward passes (an
-   FSDP2 forward all-gathers parameters; a DDP backward all-reduces gradients), so every rank
-   pads its list to the largest count with empty micro-batches, which the trainer runs on a fully
-   masked row (a forward/backward that contributes zero).
+1. **Order.** Each epoch visits the groups in their global order (or a permutation seeded for the
+   step and epoch, the same on every rank, with ``shuffle``), informative groups first: the groups
+   dynamic sampling dropped go last and are never computed, as if they had been filtered out of the
+   batch before it was split into mini-batches (verl's recipes do that). A mini-batch left with no
+   informative group has nothing to learn from; the trainer skips it.
+2. **Mini-batches.** Mini-batch ``k`` is the ordered groups ``[k·M, (k+1)·M)``; each rank computes
+   the informative ones it holds.
+3. **Micro-batches.** :func:`split_rows` cuts a rank's rows either into chunks of
+   ``max_sequences`` rows, or — with a token budget — by length, so that each micro-batch's
+   computed tokens stay under the budget and each is padded only to its own longest sequence.
+4. **Lockstep.** Ranks can hold different numbers of rows (and lengths), but all must run the same
+   number of forward passes (an FSDP2 forward all-gathers parameters; a DDP backward all-reduces
+   gradients), so every rank pads its list to the largest count with empty micro-batches, which the
+   trainer runs on a placeholder row that contributes zero.
 
-Every rank computes the whole plan from the same inputs (the global informative flags), so
-planning needs no communication.
+Every rank computes the whole plan from the same inputs (the global informative flags and every
+rank's row lengths), so planning itself needs no communication.
 """
 
 from __future__ import annotations
@@ -28,7 +31,47 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["plan_update", "global_group_order"]
+__all__ = ["global_group_order", "lockstep", "plan_update", "split_rows"]
+
+
+def split_rows(rows: Tensor, lengths: Tensor, *, max_sequences: int, max_tokens: int = 0, packed: bool = False) -> list[Tensor]:
+    """Cut ``rows`` (local row indices) into micro-batches.
+
+    Args:
+        rows: ``[K]`` long, the rows to cut (in this order when there is no token budget).
+        lengths: ``[K, 2]`` long, each row's prompt and response lengths.
+        max_sequences: rows per micro-batch without a token budget.
+        max_tokens: the token budget; 0 keeps consecutive chunks of ``max_sequences`` rows. Above 0,
+            rows are taken longest first and a micro-batch grows while its computed tokens stay within
+            the budget: the sum of the rows' lengths when ``packed`` (sequences concatenated, no
+            padding), else rows × (longest prompt + longest response) — the padded size. A row
+            longer than the budget goes alone.
+        packed: how a micro-batch will be computed (see ``max_tokens``).
+    """
+    if max_tokens <= 0:
+        return [rows[i : i + max_sequences] for i in range(0, len(rows), max_sequences)]
+    order = torch.argsort(lengths.sum(-1), descending=True, stable=True)
+    micro_batches: list[Tensor] = []
+    current: list[int] = []
+    longest, total = torch.zeros(2, dtype=torch.long), 0  # the current micro-batch's longest prompt/response, Σ lengths
+    for i in order.tolist():
+        grown, row_total = torch.maximum(longest, lengths[i]), int(lengths[i].sum())
+        cost = total + row_total if packed else (len(current) + 1) * int(grown.sum())
+        if current and cost > max_tokens:
+            micro_batches.append(rows[current])
+            current, total, grown = [], 0, lengths[i].clone()
+        current.append(i)
+        longest, total = grown, total + row_total
+    if current:
+        micro_batches.append(rows[current])
+    return micro_batches
+
+
+def lockstep(per_rank: list[list[Tensor]], rank: int) -> list[Tensor]:
+    """This rank's micro-batches, padded with empty ones to the largest count of any rank (at least one)."""
+    count = max(1, *(len(micro) for micro in per_rank))
+    own = per_rank[rank]
+    return own + [torch.zeros(0, dtype=torch.long)] * (count - len(own))
 
 
 def global_group_order(informative: Tensor, *, seed: int | None = None) -> Tensor:
@@ -42,48 +85,50 @@ def global_group_order(informative: Tensor, *, seed: int | None = None) -> Tenso
 
 def plan_update(
     informative: Tensor,
+    lengths: list[Tensor],
     *,
     rank: int,
-    world_size: int,
     group_size: int,
     groups_per_minibatch: int,
-    micro_batch_size: int,
     epoch_seeds: list[int | None],
+    max_sequences: int,
+    max_tokens: int = 0,
+    packed: bool = False,
 ) -> list[list[Tensor]]:
     """This rank's plan: for each optimizer step, its micro-batches as local row indices.
 
     Args:
         informative: ``[G]`` bool over the GLOBAL groups (global group ``j·W + r`` is rank ``r``'s
-            local group ``j``): False for groups dynamic sampling dropped.
-        rank, world_size: this rank and the number of data-parallel ranks (``G % W == 0``).
+            local group ``j``): False for the groups dynamic sampling dropped.
+        lengths: per rank ``q`` (``W = len(lengths)``), its ``[N_q, 2]`` prompt and response lengths.
+        rank: this rank.
         group_size: ``n``, sequences per group (local rows ``j·n … j·n + n − 1`` are group ``j``).
         groups_per_minibatch: ``M``, global groups per optimizer step (``G`` for one step per epoch).
-        micro_batch_size: sequences per forward/backward on one rank.
-        epoch_seeds: one entry per PPO epoch: the shuffle seed of that epoch, or None for the
-            global order.
+        epoch_seeds: one entry per PPO epoch: its shuffle seed, or None for the global order.
+        max_sequences, max_tokens, packed: how rows are cut into micro-batches (:func:`split_rows`).
 
     Returns:
         ``len(epoch_seeds) · ceil(G / M)`` optimizer steps, each a list of long tensors of local row
-        indices; every rank gets the same number of micro-batches per step, padded with empty tensors.
+        indices, the same number on every rank (empty tensors pad; all empty = nothing to learn).
     """
-    num_groups = len(informative)
-    if num_groups % world_size or groups_per_minibatch < 1 or micro_batch_size < 1:
+    world_size, num_groups = len(lengths), len(informative)
+    if num_groups % world_size or groups_per_minibatch < 1 or max_sequences < 1:
         raise ValueError(
             f"cannot plan {num_groups} groups on {world_size} ranks in mini-batches of {groups_per_minibatch} "
-            f"groups and micro-batches of {micro_batch_size} sequences"
+            f"groups and micro-batches of {max_sequences} sequences"
         )
     steps = []
     for seed in epoch_seeds:
         order = global_group_order(informative, seed=seed)
         for start in range(0, num_groups, groups_per_minibatch):
             minibatch = order[start : start + groups_per_minibatch]
-            rows_per_rank = [
-                _rows(minibatch[minibatch % world_size == r] // world_size, group_size) for r in range(world_size)
-            ]
-            count = max(1, *(-(-len(rows) // micro_batch_size) for rows in rows_per_rank))
-            own = rows_per_rank[rank]
-            micro = [own[i : i + micro_batch_size] for i in range(0, len(own), micro_batch_size)]
-            steps.append(micro + [torch.zeros(0, dtype=torch.long)] * (count - len(micro)))
+            minibatch = minibatch[informative[minibatch]]  # dropped groups are never computed
+            per_rank = []
+            for q in range(world_size):
+                rows = _rows(minibatch[minibatch % world_size == q] // world_size, group_size)
+                per_rank.append(split_rows(rows, lengths[q][rows], max_sequences=max_sequences,
+                                           max_tokens=max_tokens, packed=packed))
+            steps.append(lockstep(per_rank, rank))
     return steps
 
 

