@@ -105,3 +105,19 @@ class KLRewardConfig:
     """β, the penalty per unit of summed per-token KL."""
     estimator: Literal["k1", "k2", "k3", "low_var_kl"] = "low_var_kl"
     """Per-token KL estimator (see :mod:`archer.algorithms.kl`)."""
+
+
+@dataclass
+class AsyncRolloutConfig:
+    """Asynchronous rollouts (:mod:`archer.async_rollout`): a producer thread keeps rolling out and
+    scoring the next batches while the trainer trains. Needs an engine that serves while its weights
+    are replaced (``RemoteVLLMEngine``) and ``WeightSyncCallback``."""
+
+    max_staleness: int = 1
+    """K: a sample may have been sampled by the weights of at most K steps before the step that trains
+    on it (0: on-policy, no overlap; 1: one-step off-policy). Staler samples are dropped and counted."""
+    off_policy: Literal["decoupled", "behaviour"] = "decoupled"
+    """``decoupled`` (AReaL): the ratio is against π_prox, the trainer's policy at the start of the step
+    (recomputed), and ``model.rollout_correction`` weights each token by π_prox / μ (μ: the engine's
+    log-probs). ``behaviour``: the ratio is against μ itself (no recomputation, one forward less); the
+    clip then bounds the change from the policy that sampled."""

@@ -16,11 +16,21 @@ __all__ = ["Collectives"]
 
 
 class Collectives:
-    """All-reduce and all-gather over the default process group (identity with one process)."""
+    """All-reduce and all-gather over the default process group (identity with one process).
+
+    Args:
+        local: This process alone, whatever the process group: for code that runs off the training
+            thread (an asynchronous rollout producer), which must not take part in collectives.
+    """
+
+    def __init__(self, local: bool = False) -> None:
+        self.local = local
 
     @property
     def world_size(self) -> int:
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if self.local or not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size()
 
     @staticmethod
     def _comm_device(tensor: Tensor) -> torch.device:

@@ -1,4 +1,5 @@
-"""Sampling and scoring one RL step's groups, with DAPO/Archer dynamic sampling.
+"""One RL step's experience: sampling and scoring its groups (with DAPO/Archer dynamic sampling),
+and the typed batch the update trains on (:class:`Experience`).
 
 ``collect_groups`` turns this rank's prompt rows into ``n`` scored completions per prompt::
 

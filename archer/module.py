@@ -58,7 +58,9 @@ from archer.algorithms import (
     rollout_mismatch_stats,
     token_logprobs_and_entropy,
 )
+from archer.async_rollout import ProducedBatch, RolloutProducer
 from archer.config import (
+    AsyncRolloutConfig,
     DynamicSamplingConfig,
     KLRewardConfig,
     OptimConfig,
@@ -67,6 +69,7 @@ from archer.config import (
     UpdateConfig,
 )
 from archer.data.shard import FILLER_KEY
+from archer.data.stream import STREAM_INDEX_KEY
 from archer.distributed import Collectives
 from archer.experience import Experience, Samples, ScoredGroups, collect_groups
 from archer.losses import ArcherLoss, PolicyLoss
@@ -110,6 +113,8 @@ class ArcherModule(L.LightningModule):
             with vLLM, off with ``HFEngine``); logged either way as ``rollout/mismatch_kl`` etc.
         kl_in_reward: KL to the reference as a reward penalty (an alternative to a loss's KL term);
             ``None`` disables it.
+        async_rollout: Roll out the next batches on a background thread while training (bounded
+            staleness, off-policy correction); ``None``: rollout and update take turns.
         reward_timeout_s: A reward call that takes longer scores 0 and is counted.
         reward_workers: Worker processes that score rewards.
         pass_k: The k of the validation pass@k metrics.
@@ -140,6 +145,7 @@ class ArcherModule(L.LightningModule):
         dynamic_sampling: DynamicSamplingConfig | None = None,
         rollout_correction: RolloutCorrectionConfig = RolloutCorrectionConfig(),
         kl_in_reward: KLRewardConfig | None = None,
+        async_rollout: AsyncRolloutConfig | None = None,
         reward_timeout_s: float = 10.0,
         reward_workers: int = 2,
         pass_k: list[int] | None = None,
@@ -171,6 +177,10 @@ class ArcherModule(L.LightningModule):
         self.dynamic_sampling = dynamic_sampling
         self.rollout_correction = rollout_correction
         self.kl_in_reward = kl_in_reward
+        self.async_rollout = async_rollout
+        self._producer: RolloutProducer | None = None
+        self._producer_rewards: RewardRunner | None = None
+        """The producer thread's own reward workers (a runner serves one thread)."""
         self.reward_timeout_s = reward_timeout_s
         self.reward_workers = reward_workers
         self.pass_k = sorted(pass_k or [1])
@@ -244,6 +254,12 @@ class ArcherModule(L.LightningModule):
             self.reward_runner = RewardRunner(
                 self.reward, timeout_s=self.reward_timeout_s, num_workers=self.reward_workers
             )
+        if self.async_rollout is not None and self._producer_rewards is None and stage == "fit":
+            self._check_async()
+            # Forked here, before any thread runs (see RewardRunner).
+            self._producer_rewards = RewardRunner(
+                self.reward, timeout_s=self.reward_timeout_s, num_workers=self.reward_workers
+            )
         names = list(getattr(datamodule, "val_dataset_names", []) or [])
         for name in names:
             if name not in self.val_metrics:
@@ -251,6 +267,18 @@ class ArcherModule(L.LightningModule):
         if self._base_seed is None:
             # After `seed_everything`, so a resumed run derives the same seeds (see _seed).
             self._base_seed = self.sampling.seed if self.sampling.seed is not None else torch.initial_seed()
+
+    def _check_async(self) -> None:
+        from archer.callbacks import WeightSyncCallback
+
+        if not hasattr(self.rollout, "version"):
+            raise ValueError(
+                f"model.async_rollout needs an engine that serves while its weights are replaced and counts "
+                f"weight versions (archer.rollout.RemoteVLLMEngine); {type(self.rollout).__name__} does not"
+            )
+        if not any(isinstance(callback, WeightSyncCallback) for callback in self.trainer.callbacks):
+            raise ValueError("model.async_rollout needs archer.callbacks.WeightSyncCallback in trainer.callbacks "
+                             "(the producer waits for the weight versions it brings)")
 
     def _check_trainer(self) -> None:
         """Refuse, with the fix in the message, the settings this module cannot train correctly with."""
@@ -282,9 +310,13 @@ class ArcherModule(L.LightningModule):
         return rank_seed(derive_seed(self._base_seed, purpose, *indices), self.global_rank)
 
     def teardown(self, stage: str) -> None:
-        if self.reward_runner is not None:
-            self.reward_runner.close()
-            self.reward_runner = None
+        if self._producer is not None:
+            self._producer.stop()
+            self._producer = None
+        for runner in (self.reward_runner, self._producer_rewards):
+            if runner is not None:
+                runner.close()
+        self.reward_runner = self._producer_rewards = None
 
     def _ensure_rollout(self) -> None:
         if not self._rollout_ready:
@@ -347,23 +379,57 @@ class ArcherModule(L.LightningModule):
             texts=self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True),
         )
 
-    def _collect(self, rows: list[dict]) -> ScoredGroups:
-        """This step's scored groups (dynamic sampling included), with seeds derived per draw."""
+    def _collect(self, rows: list[dict], step: int, *, background: bool = False) -> ScoredGroups:
+        """The scored groups of ``rows`` for training step ``step`` (dynamic sampling included), with
+        seeds derived per step and draw. ``background``: on the producer thread, with its own reward
+        workers and no collectives (a refill decision is then this rank's own; generation on remote
+        servers is not collective)."""
+        runner = self._producer_rewards if background else self.reward_runner
         scored = collect_groups(
             rows,
             self.sampling.n,
-            generate=lambda batch, draw: self._sample(
-                batch, replace(self.sampling, seed=self._seed("train", self.global_step, draw))
-            ),
-            score=lambda samples: self.reward_runner.score(samples.texts, samples.rows),
+            generate=lambda batch, draw: self._sample(batch, replace(self.sampling, seed=self._seed("train", step, draw))),
+            score=lambda samples: runner.score(samples.texts, samples.rows),
             dynamic_sampling=self.dynamic_sampling,
             draw_batch=lambda: self.trainer.datamodule.draw_train_batch(),
-            collectives=self.collectives,
+            collectives=Collectives(local=True) if background else self.collectives,
         )
         rewards = scored.rewards
         if rewards.num_errors == len(rewards.scores) and rewards.errors and self.global_rank == 0:
             # Training on all-zero rewards teaches nothing; say loudly why (a wrong answer_key, a reward bug).
-            log.warning("every reward of step %d failed; the first error:\n%s", self.global_step, rewards.errors[0])
+            log.warning("every reward of step %d failed; the first error:\n%s", step, rewards.errors[0])
+        return scored
+
+    def _take_produced(self, batch: list[dict]) -> tuple[ScoredGroups, dict[str, float]]:
+        """This step's batch from the asynchronous producer (started at the first step, or after a resume),
+        with samples staler than ``max_staleness`` dropped; and the staleness / idle-time metrics."""
+        index = batch[0][STREAM_INDEX_KEY]
+        if self._producer is None:
+            self._ensure_rollout()
+            offset = self.global_step - self.rollout.version  # the servers now serve this step's weights
+            stream = self.trainer.datamodule.stream
+            self._producer = RolloutProducer(
+                lambda i, step: self._collect(stream.batch(i), step, background=True),
+                served_step=lambda: self.rollout.version + offset,
+                max_staleness=self.async_rollout.max_staleness,
+            )
+            self._version_offset = offset
+            self._producer.start(index, self.global_step)
+        produced, trainer_idle = self._producer.take(index)
+        return self._drop_stale(produced), {"time/trainer_idle_s": trainer_idle,
+                                            "time/producer_idle_s": produced.producer_idle_s}
+
+    def _drop_stale(self, produced: ProducedBatch) -> ScoredGroups:
+        """Mask out the groups with a sample staler than ``max_staleness``; record every sample's staleness."""
+        scored, n = produced.scored, self.sampling.n
+        steps = torch.tensor([
+            min(produced.start_step, produced.start_step if c.weight_version is None else c.weight_version + self._version_offset)
+            for c in scored.samples.completions
+        ])
+        staleness = self.global_step - steps
+        fresh = (staleness <= self.async_rollout.max_staleness).view(-1, n).all(-1).repeat_interleave(n)
+        self._staleness = Ratio.of(staleness.sum(), len(staleness)), float(staleness.max()), int((~fresh).sum())
+        scored.keep = scored.keep & fresh
         return scored
 
     # ------------------------------------------------------------------------------- log-probs
@@ -452,7 +518,10 @@ class ArcherModule(L.LightningModule):
         _reset_peak_memory(self.device)
         t0 = time.perf_counter()
         self.actor.eval()  # rollout and old log-probs without dropout
-        scored = self._collect(batch)
+        if self.async_rollout is None:
+            scored, overlap = self._collect(batch, self.global_step), {}
+        else:
+            scored, overlap = self._take_produced(batch)
         t_rollout = time.perf_counter() - t0
 
         t1 = time.perf_counter()
@@ -486,6 +555,8 @@ class ArcherModule(L.LightningModule):
             **{f"train/{key}": value for key, value in update_stats.items()},
             **{f"rollout/{key}": value for key, value in exp.mismatch.items()},
         }
+        if self.async_rollout is not None:
+            ratios["rollout/staleness_mean"] = self._staleness[0]
         totals = {  # summed over ranks; the phases' tokens/s divide them by this rank's (lockstep) time
             "reward/errors": scored.rewards.num_errors,
             "reward/timeouts": scored.rewards.num_timeouts,
@@ -496,7 +567,11 @@ class ArcherModule(L.LightningModule):
         }
         if self.dynamic_sampling is not None:
             totals["rollout/extra_batches"] = scored.extra_batches
+        if self.async_rollout is not None:
+            totals["rollout/stale_dropped"] = self._staleness[2]
         metrics = self._global_values(ratios, totals)
+        if self.async_rollout is not None:
+            metrics["rollout/staleness_max"] = float(self.collectives.max(torch.tensor(self._staleness[1])))
         metrics.update(
             {
                 "train/lr": lr,
@@ -507,6 +582,8 @@ class ArcherModule(L.LightningModule):
                 "time/logprob_s": t_logprob,
                 "time/update_s": t_update,
                 "perf/tokens_per_s": metrics.pop("perf/tokens") / (time.perf_counter() - t0),
+                "rollout/batch_index": float(batch[0][STREAM_INDEX_KEY]),
+                **overlap,
                 "perf/peak_memory_gb": float(self.collectives.max(torch.tensor(_peak_memory_gb(self.device)))),
             }
         )
@@ -525,7 +602,11 @@ class ArcherModule(L.LightningModule):
         mask = rollout.response_mask.to(self.device)
         ranks = self._rows_of_every_rank(rollout)
         passes = self._plan_forward(ranks, self.update.logprob_micro_batch_tokens or self.update.micro_batch_tokens)
-        old_logprob = self._logprobs_by_row(self.actor, rollout, passes)
+        behaviour = self.async_rollout is not None and self.async_rollout.off_policy == "behaviour"
+        if behaviour:  # the ratio's denominator is the engine's μ itself: nothing to recompute
+            old_logprob = rollout.engine_logprobs.to(self.device) * mask
+        else:
+            old_logprob = self._logprobs_by_row(self.actor, rollout, passes)
         ref_logprob = None if self.reference is None else self._logprobs_by_row(self.reference, rollout, passes)
 
         rewards = scored.scores.to(self.device)
@@ -545,7 +626,7 @@ class ArcherModule(L.LightningModule):
             advantages = shaping(advantages, old_logprob, mask, n)
 
         pg_weight, mismatch = None, {}
-        if rollout.engine_logprobs is not None:
+        if rollout.engine_logprobs is not None and not behaviour:
             correction = self.rollout_correction
             engine = rollout.engine_logprobs.to(self.device)
             options = dict(level=correction.level, mode=correction.mode, upper=correction.upper)

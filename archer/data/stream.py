@@ -81,11 +81,15 @@ class PromptStream(IterableDataset):
         start = batch_in_epoch * self.global_batch_size
         return self.epoch_order(epoch)[start : start + self.global_batch_size]
 
+    def batch(self, index: int) -> list[dict[str, Any]]:
+        """This rank's share of global batch ``index`` (a pure function of the index: an asynchronous
+        producer reads batches ahead of training without moving the stream's position)."""
+        return [{**self.items[i], STREAM_INDEX_KEY: index} for i in self.global_batch_indices(index)[self.rank :: self.world_size]]
+
     def __iter__(self) -> Iterator[list[dict[str, Any]]]:
         while True:
             index = self.next_index
-            share = self.global_batch_indices(index)[self.rank :: self.world_size]
-            batch = [{**self.items[i], STREAM_INDEX_KEY: index} for i in share]
+            batch = self.batch(index)
             # Count the batch when it is yielded; a consumer that reads ahead (Lightning's
             # prefetching) corrects the count with mark_delivered when the batch is really used.
             self.next_index = index + 1

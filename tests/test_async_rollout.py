@@ -1,0 +1,72 @@
+"""The asynchronous rollout producer: it runs ahead by at most the staleness bound, hands batches over
+in order, records what it waited for, and hands its errors to the trainer."""
+
+import threading
+import time
+
+import pytest
+
+from archer.async_rollout import RolloutProducer
+
+
+class Trainer:
+    """The served step a real trainer advances with each weight sync, and the producer's calls."""
+
+    def __init__(self, step: int = 0) -> None:
+        self.served = step
+        self.started: list[tuple[int, int, int]] = []  # (batch index, its step, served step at its start)
+        self.lock = threading.Lock()
+
+    def collect(self, index: int, step: int) -> str:
+        with self.lock:
+            self.started.append((index, step, self.served))
+        return f"batch {index}"
+
+
+@pytest.mark.parametrize("max_staleness", [0, 1, 2])
+def test_each_batch_starts_within_the_staleness_bound_and_arrives_in_order(max_staleness):
+    trainer = Trainer(step=5)  # resumed at step 5 on batch 9
+    producer = RolloutProducer(trainer.collect, lambda: trainer.served, max_staleness=max_staleness)
+    producer.start(index=9, step=5)
+    for k in range(6):
+        produced, _ = producer.take(9 + k)
+        assert produced.scored == f"batch {9 + k}"
+        assert produced.start_step >= 5 + k - max_staleness  # the bound, in steps
+        trainer.served += 1  # the weight sync after the step
+    producer.stop()
+    for index, step, served in trainer.started:
+        assert step == 5 + (index - 9) and served >= step - max_staleness
+    # It runs exactly as far ahead as the bound allows: with K = 2 it had started batch 9 + 6 + 2 - 1.
+    assert max(index for index, _, _ in trainer.started) <= 9 + 5 + max_staleness + 1
+
+
+def test_the_producer_waits_for_the_sync_and_says_how_long():
+    trainer = Trainer()
+    producer = RolloutProducer(trainer.collect, lambda: trainer.served, max_staleness=0)
+    producer.start(index=0, step=0)
+    producer.take(0)
+    time.sleep(0.3)  # batch 1 must wait for step 1's weights
+    assert [index for index, _, _ in trainer.started] == [0]
+    trainer.served = 1
+    produced, _ = producer.take(1)
+    assert produced.producer_idle_s >= 0.25
+    producer.stop()
+
+
+def test_an_error_in_the_producer_reaches_the_trainer():
+    def collect(index, step):
+        raise ValueError("server said no")
+
+    producer = RolloutProducer(collect, lambda: 0, max_staleness=1)
+    producer.start(index=0, step=0)
+    with pytest.raises(RuntimeError, match="producer failed") as error:
+        producer.take(0)
+    assert isinstance(error.value.__cause__, ValueError)
+
+
+def test_stop_ends_a_waiting_producer():
+    producer = RolloutProducer(Trainer().collect, lambda: 0, max_staleness=0)
+    producer.start(index=0, step=0)
+    producer.take(0)  # batch 1 now waits for a sync that never comes
+    producer.stop(timeout=5)
+    assert not producer.running
