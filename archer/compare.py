@@ -150,6 +150,8 @@ def plan_runs(variants: Sequence[str | Path], seeds: Sequence[int], out: str | P
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"variant files not found: {missing}")
+    for f in files:  # a YAML error stops the comparison now, not after the runs before it
+        yaml.safe_load(f.read_text(encoding="utf-8"))
     return [Run(f.stem, f, seed, Path(out) / "runs" / f.stem / f"seed{seed}") for seed in seeds for f in files]
 
 
@@ -299,23 +301,24 @@ def _file_name(column: str) -> str:
     return column.replace("/", "_").replace("@", "_at_") + ".png"
 
 
-def _plot(metric: Metric, curves: dict[str, list[pd.Series]], out: Path) -> Path | None:
+def _by_variant(per_run: dict[Run, pd.Series]) -> dict[str, list[pd.Series]]:
+    grouped: dict[str, list[pd.Series]] = {}
+    for run, series in per_run.items():
+        grouped.setdefault(run.variant, []).append(series)
+    return grouped
+
+
+def _plot(metric: Metric, curves: dict[str, list[pd.Series]], out: Path) -> Path:
     """One PNG: per variant, the mean over seeds of the smoothed curves and their min–max band."""
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    drawn = False
     for variant, series in curves.items():
         band = seed_band([smooth(s) for s in series])
-        if band.empty:
-            continue
         line, = ax.plot(band.index, band["mean"], label=f"{variant} ({len(series)} seeds)", linewidth=1.5)
         ax.fill_between(band.index, band["low"], band["high"], color=line.get_color(), alpha=0.2, linewidth=0)
-        drawn = True
-    if not drawn:
-        plt.close(fig)
-        return None
     sizes = sorted({window(len(s)) for series in curves.values() for s in series})
-    ax.set_title(f"{metric.column}: mean over seeds, band min–max\nof each run's trailing mean over "
-                 f"{'/'.join(map(str, sizes))} point{'s' if sizes != [1] else ''}", fontsize=9)
+    points = "/".join(map(str, sizes))
+    smoothing = "values as logged" if sizes == [1] else f"each run's trailing mean over {points} points"
+    ax.set_title(f"{metric.column}: mean over seeds, band min–max\n({smoothing})", fontsize=9)
     ax.set_xlabel("RL step")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -331,8 +334,8 @@ def _cell(values: Sequence[float]) -> str:
     return "–" if math.isnan(mean) else f"{mean:.3g} ± {spread:.2g}"
 
 
-def _summary(config: Path, runs: list[Run], records: dict[Run, dict], frames: dict[Run, pd.DataFrame],
-             metrics: list[Metric], plots: list[Path], overrides: dict[str, str]) -> str:
+def _summary(config: Path, runs: list[Run], records: dict[Run, dict], series: dict[Metric, dict[Run, pd.Series]],
+             plots: list[Path], overrides: dict[str, str]) -> str:
     variants = list(dict.fromkeys(run.variant for run in runs))
     seeds = list(dict.fromkeys(run.seed for run in runs))
     lines = [
@@ -344,26 +347,24 @@ def _summary(config: Path, runs: list[Run], records: dict[Run, dict], frames: di
         "the seeds that finished.", "",
         "| metric | variant | final | best | seeds |", "|---|---|---|---|---|",
     ]
-    for metric in metrics:
+    for metric, per_run in series.items():
+        grouped = _by_variant(per_run)
         for variant in variants:
-            values = [final_and_best(metric_series(frames[r], metric.column), metric.better)
-                      for r in runs if r.variant == variant and r in frames and metric.column in frames[r]]
-            finals = [v[0] for v in values]
+            values = [final_and_best(s, metric.better) for s in grouped.get(variant, [])]
             best = "–" if metric.better is None else _cell([v[1] for v in values])
-            lines.append(f"| {metric.column} | {variant} | {_cell(finals)} | {best} | {len(values)} |")
+            lines.append(f"| {metric.column} | {variant} | {_cell([v[0] for v in values])} | {best} | {len(values)} |")
     lines += ["", "## Variants", "", "| variant | file | loss as run |", "|---|---|---|"]
     for variant in variants:
-        first = next(r for r in runs if r.variant == variant)
-        ran = next((r for r in runs if r.variant == variant and r in frames), None)
-        lines.append(f"| {variant} | `{first.variant_file}` | {loss_as_run(ran.dir) if ran else '–'} |")
+        mine = [r for r in runs if r.variant == variant]
+        finished = [r for r in mine if records[r]["status"] == "done"]
+        loss = loss_as_run(finished[0].dir) if finished else "–"
+        lines.append(f"| {variant} | `{mine[0].variant_file}` | {loss} |")
+    steps = next((per_run for metric, per_run in series.items() if metric.column == METRICS[0].column), {})
     lines += ["", "## Runs", "", "| variant | seed | status | RL steps | wall s | folder |",
               "|---|---|---|---|---|---|"]
     for run in runs:
-        record = records[run]
-        steps = int(metric_series(frames[run], "train/reward_mean").size) if run in frames and \
-            "train/reward_mean" in frames[run] else 0
-        lines.append(f"| {run.variant} | {run.seed} | {record['status']} | {steps} | {record.get('wall_s', '–')} | "
-                     f"`{run.dir}` |")
+        lines.append(f"| {run.variant} | {run.seed} | {records[run]['status']} | {len(steps.get(run, ()))} | "
+                     f"{records[run].get('wall_s', '–')} | `{run.dir}` |")
     lines += ["", "Plots: " + ", ".join(f"[{p.name}]({p.name})" for p in plots), ""]
     return "\n".join(lines)
 
@@ -393,19 +394,14 @@ def compare(
     runs = plan_runs(variants, seed_list, out)
     records = {run: execute(run, config, overrides) for run in runs}
     frames = {run: read_run_metrics(run.dir) for run in runs if records[run]["status"] == "done"}
-    metrics = _metrics_present(frames)
+    series = {  # metric -> run -> its logged values by step
+        metric: {run: values for run, frame in frames.items()
+                 if metric.column in frame and not (values := metric_series(frame, metric.column)).empty}
+        for metric in _metrics_present(frames)
+    }
     for stale in out.glob("*.png"):  # plots of metrics no longer logged must not linger
         stale.unlink()
-    plots = []
-    for metric in metrics:
-        curves: dict[str, list[pd.Series]] = {}
-        for run, frame in frames.items():
-            if metric.column in frame:
-                series = metric_series(frame, metric.column)
-                if not series.empty:
-                    curves.setdefault(run.variant, []).append(series)
-        if (path := _plot(metric, curves, out)) is not None:
-            plots.append(path)
+    plots = [_plot(metric, _by_variant(per_run), out) for metric, per_run in series.items() if per_run]
     summary = out / "summary.md"
-    summary.write_text(_summary(config, runs, records, frames, metrics, plots, overrides), encoding="utf-8")
+    summary.write_text(_summary(config, runs, records, series, plots, overrides), encoding="utf-8")
     return summary, [run for run in runs if records[run]["status"] != "done"]

@@ -97,7 +97,10 @@ class ArcherModule(L.LightningModule):
 
     Args:
         model_path: Local Hugging Face folder of the actor (and of the reference, its initial copy).
-        loss: The policy loss (``ArcherLoss``, ``DAPOLoss``, ``GRPOLoss``, ``HighEntropyMaskLoss`` or your own).
+        loss: The policy loss (``ArcherLoss``, ``DAPOLoss``, ``GRPOLoss``, ``HighEntropyMaskLoss``, ``GSPOLoss``,
+            ``CISPOLoss``, ``ClipCovLoss``, ``KLCovLoss`` or your own); None: ``ArcherLoss`` with the
+            paper's defaults. (Not a class default: jsonargparse would carry a default instance's
+            settings, e.g. its ``loss_agg``, into a loss that a config names.)
         reward: Scores a response against its dataset row. ``None``: the datamodule's synthetic task.
         rollout: The rollout engine (``HFEngine`` on CPU; ``VLLMEngine`` with ``WeightSyncCallback``).
         sampling: Training rollout sampling (``n`` is the group size).
@@ -132,7 +135,7 @@ class ArcherModule(L.LightningModule):
     def __init__(
         self,
         model_path: str,
-        loss: PolicyLoss = lazy_instance(ArcherLoss),
+        loss: PolicyLoss | None = None,
         reward: Reward | None = None,
         rollout: RolloutEngine = lazy_instance(HFEngine),
         sampling: SamplingConfig = SamplingConfig(),
@@ -164,7 +167,7 @@ class ArcherModule(L.LightningModule):
         if update.ppo_epochs < 1 or update.micro_batch_size < 1 or update.mini_batch_size < 0:
             raise ValueError(f"update needs ppo_epochs >= 1, micro_batch_size >= 1, mini_batch_size >= 0: {update}")
         self.model_path = model_path
-        self.loss = loss
+        self.loss = loss if loss is not None else ArcherLoss()
         self.reward = reward
         self.rollout = rollout
         self.sampling = sampling

@@ -19,11 +19,6 @@ COMPARE_BASE = ROOT / "configs" / "compare_quickstart.yaml"
 LOSS_QUICKSTARTS = [
     "gspo_quickstart.yaml", "cispo_quickstart.yaml", "clip_cov_quickstart.yaml", "kl_cov_quickstart.yaml",
 ]
-CARRY_BUG = {
-    # Its DAPOLoss keeps the module default ArcherLoss's loss_agg (seq-mean-token-mean); reported to the
-    # maintainers, fixed by `init_args: {loss_agg: token-mean}` in the config.
-    "dapo_math_1.5b.yaml": "DAPOLoss resolves to loss_agg=seq-mean-token-mean (carried from ArcherLoss)",
-}
 
 
 def _resolve(capsys, model_dir: str, *configs: Path) -> dict:
@@ -62,8 +57,7 @@ def test_print_config_resolves(config, tiny_model_dir, capsys):
 
 @pytest.mark.parametrize(
     "config",
-    [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=CARRY_BUG[c.name])) if c.name in CARRY_BUG else c
-     for c in CONFIGS],
+    CONFIGS,
     ids=lambda p: p.name,
 )
 def test_config_trains_its_loss_preset_as_written(config, tiny_model_dir, capsys):

@@ -4,7 +4,8 @@ An engine is anything with ``setup``, ``generate`` and ``load_weights``; an opti
 ``logprobs_match_trainer`` (default False) says that its log-probs are the trainer's own, so no
 rollout correction is needed. ``HFEngine`` samples with
 the live actor (``transformers.generate``); ``VLLMEngine`` runs vLLM's offline engine colocated in
-the training process and receives the actor's weights in place after each optimizer step.
+the training process and receives the actor's weights in place after each optimizer step;
+``RemoteVLLMEngine`` samples from vLLM servers over HTTP and pushes the weights to them.
 Users plug their own engine with ``model.rollout.class_path`` in YAML.
 """
 

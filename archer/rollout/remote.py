@@ -33,11 +33,13 @@ as its stalest token. Transports:
   with the version), driven by vLLM's ``NCCLTrainerWeightTransferEngine`` with one NCCL group
   spanning this process and every server's workers. Not tested here (no GPU).
 
-A failed sync never leaves a server paused or half-updated: vLLM's in-place reload moves each layer
-to the meta device until its weights arrive, so a reload that fails midway leaves a model that
-cannot run. The engine reloads the server's last good weights (its previous folder, else the
-checkpoint it was started from, labelled version ``-1``), resumes it, and raises
-:class:`WeightSyncError` naming each failed server, the phase and the version.
+Failures. Every server is resumed in a ``finally``, whatever failed. Tensors whose name or shape
+differ from the actor's at ``setup`` are refused before any server reads them: vLLM's in-place
+reload moves each layer to the meta device until its tensors arrive, and a tensor it cannot load
+leaves layers it cannot recover. A server whose reload fails anyway (a folder it cannot read, a
+corrupt file) reloads its last good weights (its previous folder, else the checkpoint it was started
+from, labelled version ``-1``), is checked, and resumed. :class:`WeightSyncError` names each failed
+server, the phase, the version and what the server holds now.
 
 Ranks. With ``launch: true`` each training rank starts and syncs its own servers. With ``urls``
 the servers are shared: only global rank 0 pushes weights; every rank still iterates the tensors
@@ -382,12 +384,14 @@ class RemoteVLLMEngine:
         self.servers: list[_Server] = []
         self._actor: nn.Module | None = None
         self._shapes: dict[str, tuple[int, ...]] | None = None
+        self._tied: bool | None = None  # tied input/output embeddings (None: unknown)
         self._run_dir: Path | None = None
         self._nccl: _NCCLTransfer | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()  # server choice
         self._sync_lock = threading.Lock()  # load_weights / verify
         self._next = 0
+        self._rolled_back: list[_Server] = []
         self._closed = False
         self._finalizer: weakref.finalize | None = None
 
@@ -402,32 +406,38 @@ class RemoteVLLMEngine:
         self._actor = actor
         if actor is not None:  # what every sync must look like (names, full shapes)
             self._shapes = {name: tuple(p.shape) for name, p in actor.named_parameters(remove_duplicate=False)}
+        self._tied = _tied_embeddings(actor, model_path)
         processes: list[VLLMServerProcess] = []
         self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="archer-generate")
         self._run_dir = self._make_run_dir() if self.transport == "files" else None
         # Stops the servers, the pool and the folder at close(), garbage collection or exit.
         self._finalizer = weakref.finalize(self, _close_resources, processes, self._pool, self._run_dir)
-        if self.launch:
-            processes += [self._server_process(model_path, i) for i in range(self.num_servers)]
-            for process in processes:
-                process.start()
-            self.servers = [_Server(p.url, process=p) for p in processes]
-            self._raise_first(_each(self.servers, lambda s: s.process.wait_ready(self.startup_timeout_s)))
-        else:
-            self.servers = [_Server(url) for url in self.urls]
-            self._wait_healthy()
-        self._raise_first(_each(self.servers, self._inspect))
-        if self.launch and self.verify_syncs:  # a launched server holds its checkpoint: remember it
-            self._raise_first(_each(self.servers, self._record_checkpoint_checksums))
-        if not self._is_sender():
-            return
-        if actor is not None:
-            from archer.rollout.vllm import named_full_tensors
+        try:
+            if self.launch:
+                processes += [self._server_process(model_path, i) for i in range(self.num_servers)]
+                for process in processes:
+                    process.start()
+                self.servers = [_Server(p.url, process=p) for p in processes]
+                self._raise_first(_each(self.servers, lambda s: s.process.wait_ready(self.startup_timeout_s)))
+            else:
+                self.servers = [_Server(url) for url in self.urls]
+                self._wait_healthy()
+            self._raise_first(_each(self.servers, self._inspect))
+            if self.launch and self.verify_syncs:  # a launched server holds its checkpoint: remember it
+                self._raise_first(_each(self.servers, self._record_checkpoint_checksums))
+            if not self._is_sender():
+                return
+            if actor is not None:
+                from archer.rollout.vllm import named_full_tensors
 
-            with self._sync_lock:
-                self._sync(named_full_tensors(actor), version=0)
-        else:
-            self._raise_failures(0, _each(self.servers, lambda s: self._label(s, 0)), "label")
+                with self._sync_lock:
+                    self._sync(named_full_tensors(actor), version=0)
+            else:
+                self._raise_failures(0, _each(self.servers, lambda s: self._label(s, 0)), "label")
+        except BaseException:
+            if self.launch:  # do not leave servers running behind a failed setup
+                self.close()
+            raise
 
     def close(self) -> None:
         """Stop launched servers, drop the thread pool and the weights folder; idempotent. Calls in
@@ -676,14 +686,18 @@ class RemoteVLLMEngine:
         paused: list[_Server] = []
         trainer_error: Exception | None = None
         pairs = _Drained(named_tensors)
+        self._rolled_back = []
         try:
             try:
                 for url, error in _each(self.servers, lambda s: self._call(s, "POST", "/pause?mode=keep")).items():
                     if error is not None:
                         failures[url] = f"failed at pause: {error}"
                 paused = [s for s in self.servers if s.url not in failures]
-                if not failures:  # a server that cannot pause fails the whole sync: all stay at their version
+                if not failures:
                     self._update(pairs, version, paused, failures)
+                else:  # a server that cannot pause fails the whole sync: all stay at their version
+                    for server in paused:
+                        failures[server.url] = f"not updated, still at version {server.label}: another server failed to pause"
             except Exception as err:  # the trainer side failed (writing the files, an iterator that raised ...)
                 trainer_error = err
                 for server in paused:
@@ -697,6 +711,9 @@ class RemoteVLLMEngine:
                     failures[url] = failures.get(url, "updated") + f"; COULD NOT RESUME: {error}"
             self._drop_unused_weight_dirs()
             self.last_sync_seconds = time.perf_counter() - start
+        for url, error in _each(self._rolled_back, self._probe).items():
+            if error is not None:
+                failures[url] += f"; BUT IT DOES NOT SERVE after the rollback, restart it: {error}"
         if failures:
             raise WeightSyncError(version, failures) from trainer_error
 
@@ -720,6 +737,8 @@ class RemoteVLLMEngine:
         for server in servers:
             if errors.get(server.url) is not None:
                 failures[server.url] = f"failed at transfer: {errors[server.url]}; {self._roll_back(server)}"
+                logger.warning("weight sync to version %d: %s %s", version, server.url, failures[server.url])
+                self._rolled_back.append(server)
             else:
                 server.weights_path, server.checksums = new_path, checksums.get(server.url)
         labelled = _each([s for s in servers if s.url not in failures], lambda s: self._label(s, version))
@@ -765,20 +784,31 @@ class RemoteVLLMEngine:
                 try:
                     self._reload(server, path)
                     self._reload(server, path)  # clean pass: no layer keeps a tensor of the failed attempt
+                    if expected is not None:
+                        now = self._call(server, "POST", "/weight_checker", {"action": "checksum"})["checksums"]
+                        if now != expected:
+                            reasons.append(f"after reloading {path} its checksums differ from those of version {label}")
+                            continue
+                    if label != server.label:
+                        self._label(server, label)
                 except RemoteServerError as err:
                     reasons.append(f"reloading {path}: {err.detail}")
                     continue
-                if expected is not None:
-                    now = self._call(server, "POST", "/weight_checker", {"action": "checksum"})["checksums"]
-                    if now != expected:
-                        reasons.append(f"after reloading {path} its checksums differ from those of version {label}")
-                        continue
-                if label != server.label:
-                    self._label(server, label)
                 server.weights_path = path if path != server.checkpoint else None
                 server.checksums = expected
+                if path == server.checkpoint and self._tied is not False:
+                    return (
+                        f"reloaded its checkpoint {path} (version -1) and resumed, BUT with tied embeddings vLLM's reload "
+                        "from a checkpoint folder (it has no lm_head.weight) keeps the LM head it had: restart the server"
+                        + ("" if self._tied else " if the model ties its embeddings")
+                    )
                 return f"rolled back to version {label} ({path}) and resumed"
         return "ROLLBACK FAILED, the server cannot serve until restarted (" + "; ".join(reasons) + ")"
+
+    def _probe(self, server: _Server) -> None:
+        """One greedy token: does the server still run its model?"""
+        body = {"token_ids": [0], "sampling_params": {"max_tokens": 1, "temperature": 0.0, "detokenize": False}}
+        self._call(server, "POST", "/inference/v1/generate", body)
 
     def _raise_failures(self, version: int, errors: Mapping[str, BaseException | None], phase: str) -> None:
         failures = {url: f"failed at {phase}: {e}" for url, e in errors.items() if e is not None}
@@ -789,14 +819,15 @@ class RemoteVLLMEngine:
 
     def _transfer_files(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> tuple[str, dict[str, BaseException | None]]:
         """Write the tensors into a new folder under ``weights_dir``, then have every server reload
-        it. Returns the folder and url → error."""
+        it. Returns the folder and url → error. Without an actor, the first sync's names and
+        shapes become the reference for the next ones."""
         assert self._run_dir is not None
         dtypes = {s.dtype for s in self.servers}
         dtype = dtypes.pop() if len(dtypes) == 1 else None  # one cast for all; vLLM casts anyway
         final = self._run_dir / f"v{version:06d}"
         partial = self._run_dir / f".v{version:06d}.partial-{uuid.uuid4().hex[:8]}"
         try:
-            write_safetensors(named_tensors, partial, dtype, self._shapes)
+            written = write_safetensors(named_tensors, partial, dtype, self._shapes)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)  # atomic: a server never sees a half-written folder
         except BaseException as err:
@@ -812,7 +843,10 @@ class RemoteVLLMEngine:
                     "server: the same machine, or weights_dir on a shared filesystem", status=err.status,
                 ) from err  # fmt: skip
 
-        return str(final), _each(self.servers, reload)
+        errors = _each(self.servers, reload)
+        if self._shapes is None and not any(errors.values()):
+            self._shapes = written
+        return str(final), errors
 
     def _drop_unused_weight_dirs(self) -> None:
         """Delete weight folders no server holds any more (each server's current one is its rollback)."""
@@ -858,18 +892,18 @@ def write_safetensors(
     folder: Path,
     dtype: torch.dtype | None,
     shapes: Mapping[str, tuple[int, ...]] | None = None,
-) -> int:
+) -> dict[str, tuple[int, ...]]:
     """Write ``(name, tensor)`` pairs into ``folder`` as ``model-0000k.safetensors`` files of at most
     about 1 GiB each (host memory holds one file's worth at a time). Tensors are copied to the CPU
     (in ``dtype`` if given), so tied parameters become separate entries. With ``shapes``, a name it
-    lacks or a different shape is refused (a ValueError, before any server reads anything): vLLM
-    would fail midway through its reload. Returns the tensor count."""
+    lacks, a different shape, or a missing name is a ValueError before any server reads anything
+    (vLLM would fail midway through its reload, or keep old values). Returns name → shape written."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True)
-    seen: set[str] = set()
+    written: dict[str, tuple[int, ...]] = {}
     shard: dict[str, torch.Tensor] = {}
-    shard_bytes, files, count = 0, 0, 0
+    shard_bytes, files = 0, 0
 
     def flush() -> None:
         nonlocal shard, shard_bytes, files
@@ -879,22 +913,25 @@ def write_safetensors(
             shard, shard_bytes = {}, 0
 
     for name, tensor in named_tensors:
-        if name in seen:
+        if name in written:
             raise ValueError(f"parameter {name!r} was sent twice")
-        seen.add(name)
         if shapes is not None and shapes.get(name) != tuple(tensor.shape):
             expected = "is not a parameter of the actor" if name not in shapes else f"should have shape {list(shapes[name])}"
             raise ValueError(f"parameter {name!r} with shape {list(tensor.shape)} {expected} (as it was at setup)")
         copy = tensor.detach().to("cpu", dtype=dtype or tensor.dtype, copy=True).contiguous()
         shard[name] = copy
+        written[name] = tuple(copy.shape)
         shard_bytes += copy.numel() * copy.element_size()
-        count += 1
         if shard_bytes >= _SHARD_BYTES:
             flush()
-    flush()
-    if count == 0:
+    if not written:
         raise ValueError("load_weights received no tensors")
-    return count
+    missing = sorted(set(shapes or ()) - set(written))
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ValueError(f"{len(missing)} parameter(s) missing from the sync: {shown} (vLLM would keep their old values)")
+    flush()
+    return written
 
 
 def _to_completion(choice: Mapping[str, Any], url: str) -> Completion:
@@ -924,6 +961,16 @@ def _close_resources(processes: list[VLLMServerProcess], pool: ThreadPoolExecuto
         pool.shutdown(wait=False, cancel_futures=True)
     if run_dir is not None:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _tied_embeddings(actor: nn.Module | None, model_path: str) -> bool | None:
+    """Whether the model ties its input and output embeddings (None: cannot tell)."""
+    config = getattr(actor, "config", None)
+    if config is not None and hasattr(config, "tie_word_embeddings"):
+        return bool(config.tie_word_embeddings)
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        return bool(json.loads((Path(model_path) / "config.json").read_text()).get("tie_word_embeddings", False))
+    return None
 
 
 def _is_loopback(url: str) -> bool:

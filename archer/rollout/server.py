@@ -80,7 +80,8 @@ class VLLMServerProcess:
         env: Extra environment variables for the server (``VLLM_SERVER_DEV_MODE=1`` is always set;
             ``HF_HUB_OFFLINE=1`` is set unless given, so a missing local path fails at once instead
             of being looked up on the hub).
-        log_path: File that receives the server's stdout and stderr; None: a new temporary file.
+        log_path: File that receives the server's stdout and stderr; None: a temporary file, deleted
+            by :meth:`stop` unless the server failed to start or exited by itself.
         grace_s: Seconds between SIGTERM and SIGKILL when stopping.
     """
 
@@ -100,11 +101,13 @@ class VLLMServerProcess:
         self.port = port if port is not None else free_port(host if host != "0.0.0.0" else "127.0.0.1")
         self.args = [str(a) for a in args]
         self.env = dict(env or {})
+        self._temporary_log = log_path is None
         if log_path is None:
-            log_path = Path(tempfile.mkdtemp(prefix="archer-vllm-")) / f"server-{self.port}.log"
+            log_path = Path(tempfile.gettempdir()) / f"archer-vllm-{os.getpid()}-{self.port}.log"
         self.log_path = Path(log_path)
         self.grace_s = grace_s
         self.process: subprocess.Popen | None = None
+        self._stopped = False
         self._lock = threading.Lock()
 
     @property
@@ -155,6 +158,7 @@ class VLLMServerProcess:
         while True:
             code = self.process.poll()
             if code is not None:
+                self._temporary_log = False  # keep it: the error points to it
                 self.stop()
                 raise ServerStartupError(
                     f"vLLM server {self.url} ({self.model}) exited with code {code} during startup; "
@@ -168,6 +172,7 @@ class VLLMServerProcess:
             except (urllib.error.URLError, OSError) as err:
                 last_error = str(err)
             if time.monotonic() > deadline:
+                self._temporary_log = False
                 self.stop()
                 raise ServerStartupError(
                     f"vLLM server {self.url} ({self.model}) did not answer /health within {timeout_s:.0f} s "
@@ -190,19 +195,25 @@ class VLLMServerProcess:
         """SIGTERM to the whole process group, SIGKILL after ``grace_s``; idempotent."""
         with self._lock:
             process = self.process
-            if process is None:
+            if process is None or self._stopped:
                 return
+            self._stopped = True  # never signal the group twice: its id may be reused once reaped
+            if process.poll() is not None:
+                self._temporary_log = False  # it exited by itself: keep the log for the post-mortem
             pgid = process.pid
-            _signal_group(pgid, signal.SIGTERM)
-            deadline = time.monotonic() + self.grace_s
-            while time.monotonic() < deadline and process_group_alive(pgid):
-                time.sleep(0.1)
-            _signal_group(pgid, signal.SIGKILL)
+            if process.poll() is None or process_group_alive(pgid):  # leftovers of a crashed server
+                _signal_group(pgid, signal.SIGTERM)
+                deadline = time.monotonic() + self.grace_s
+                while time.monotonic() < deadline and process_group_alive(pgid):
+                    time.sleep(0.1)
+                _signal_group(pgid, signal.SIGKILL)
             try:
                 process.wait(timeout=self.grace_s)
             except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
                 pass
             _LIVE.discard(self)
+            if self._temporary_log:
+                self.log_path.unlink(missing_ok=True)
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
