@@ -30,9 +30,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+from torch import Tensor
+
 from archer.experience import ScoredGroups
 
-__all__ = ["ProducedBatch", "RolloutProducer"]
+__all__ = ["ProducedBatch", "RolloutProducer", "staleness"]
 
 
 @dataclass
@@ -45,6 +48,18 @@ class ProducedBatch:
     oldest possible step, unless the engine reports an older span)."""
     producer_idle_s: float
     """Seconds the producer waited for the staleness bound before starting this batch."""
+
+
+def staleness(produced: ProducedBatch, step: int, version_offset: int) -> Tensor:
+    """``[N]`` staleness of each sample of ``produced`` when step ``step`` trains on it: ``step`` minus
+    the step whose weights sampled its oldest token — the engine's ``weight_version`` of the sample
+    (mapped to steps: ``step = version + version_offset``) or, when the engine reports none or a
+    newer one, the step served when the batch started."""
+    steps = [
+        produced.start_step if c.weight_version is None else min(produced.start_step, c.weight_version + version_offset)
+        for c in produced.scored.samples.completions
+    ]
+    return step - torch.tensor(steps)
 
 
 class RolloutProducer:

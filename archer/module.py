@@ -58,7 +58,7 @@ from archer.algorithms import (
     rollout_mismatch_stats,
     token_logprobs_and_entropy,
 )
-from archer.async_rollout import ProducedBatch, RolloutProducer
+from archer.async_rollout import ProducedBatch, RolloutProducer, staleness
 from archer.config import (
     AsyncRolloutConfig,
     DynamicSamplingConfig,
@@ -423,15 +423,11 @@ class ArcherModule(L.LightningModule):
                                             "time/producer_idle_s": produced.producer_idle_s}
 
     def _drop_stale(self, produced: ProducedBatch) -> ScoredGroups:
-        """Mask out the groups with a sample staler than ``max_staleness``; record every sample's staleness."""
+        """Mask out the groups with a sample staler than ``max_staleness``; record the samples' staleness."""
         scored, n = produced.scored, self.sampling.n
-        steps = torch.tensor([
-            min(produced.start_step, produced.start_step if c.weight_version is None else c.weight_version + self._version_offset)
-            for c in scored.samples.completions
-        ])
-        staleness = self.global_step - steps
-        fresh = (staleness <= self.async_rollout.max_staleness).view(-1, n).all(-1).repeat_interleave(n)
-        self._staleness = Ratio.of(staleness.sum(), len(staleness)), float(staleness.max()), int((~fresh).sum())
+        lag = staleness(produced, self.global_step, self._version_offset)
+        fresh = (lag <= self.async_rollout.max_staleness).view(-1, n).all(-1).repeat_interleave(n)
+        self._staleness = Ratio.of(lag.sum(), len(lag)), float(lag.max()), int((~fresh).sum())
         scored.keep = scored.keep & fresh
         return scored
 

