@@ -50,4 +50,8 @@ class WeightSyncCallback(L.Callback):
             return
         start = time.perf_counter()
         engine.load_weights(named_full_tensors(actor))
+        if trainer.world_size > 1:
+            # Servers shared by the ranks are updated by one of them: no rank samples the next batch
+            # before the new weights are in place.
+            trainer.strategy.barrier("archer-weight-sync")
         pl_module.log("time/weight_sync_s", time.perf_counter() - start, on_step=True, on_epoch=False)

@@ -318,7 +318,7 @@ def test_mini_batches_must_split_evenly_over_ranks(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("config", ["archer_math_1.5b.yaml", "dapo_math_1.5b.yaml"])
+@pytest.mark.parametrize("config", ["archer_math_1.5b.yaml", "dapo_math_1.5b.yaml", "archer_math_1.5b_async.yaml"])
 def test_the_paper_configs_run_a_step_on_two_cpu_ranks(config, tiny_model_dir, tmp_path):
     """The shipped 1.5B configs as they are — FSDP2 with bf16 compute and gradient checkpointing, vLLM
     rollouts with weight sync and rollout correction, MathReward, 3 PPO epochs over 2 mini-batches,
@@ -344,6 +344,9 @@ def test_the_paper_configs_run_a_step_on_two_cpu_ranks(config, tiny_model_dir, t
     }
     if config.startswith("dapo"):
         cpu["model"]["overlong"] = {"buffer": 4}  # the 4096-token buffer needs 16k-token responses
+    if config.endswith("async.yaml"):  # its servers run elsewhere: here each rank launches one on the CPU
+        cpu["model"]["rollout"]["init_args"].update(urls=None, launch=True)
+        cpu["trainer"]["devices"] = 2
     (tmp_path / "cpu.yaml").write_text(yaml.safe_dump(cpu))
     argv = ["fit", "--config", str(ROOT / "configs" / config), "--config", "cpu.yaml", f"--model.model_path={tiny_model_dir}"]
     assert_ok(run_subprocess(tmp_path, argv, timeout=400))
