@@ -382,7 +382,7 @@ class RemoteVLLMEngine:
         self.log_dir = log_dir
 
         self.version = 0
-        """Weight version: 0 after ``setup``, +1 per ``load_weights`` call (failed ones too)."""
+        """Weight version: 0 after ``setup``, +1 when a ``load_weights`` call ends (failed ones too)."""
         self.last_sync_seconds: float | None = None
         """Wall time of the latest weight sync (pause → resume, writing the files included)."""
         self.servers: list[_Server] = []
@@ -647,12 +647,17 @@ class RemoteVLLMEngine:
         calls this at the same point; see the module docstring for what each rank does."""
         self._require_pool()
         with self._sync_lock:
-            self.version += 1
-            if not self._is_sender():
-                for _ in named_tensors:  # take part in the gathers of sharded parameters
-                    pass
-                return
-            self._sync(named_tensors, self.version)
+            version = self.version + 1
+            try:
+                if not self._is_sender():
+                    for _ in named_tensors:  # take part in the gathers of sharded parameters
+                        pass
+                    return
+                self._sync(named_tensors, version)
+            finally:
+                # Counted once the sync is over (failed ones too, so every rank counts the same): a
+                # reader of `version` (an asynchronous producer) never sees a version still arriving.
+                self.version = version
 
     def verify(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, int]:
         """Check that every server holds ``named_tensors`` (cast to its dtype) with vLLM's
