@@ -528,8 +528,8 @@ class CISPOLoss(_WithKL):
     2. The PPO min/clip is gone: each token's loss is −r̂_t A_t ℓ_t with the detached weight
        r̂_t = sg(clip(r_t, 1 − ε_low, 1 + ε_high)), so every token keeps a gradient r̂ A ∇ℓ.
     3. (ε_low, ε_high) = (1.0, 4.0), i.e. r̂ ∈ [0, 5]: the paper sets no effective lower bound and
-       tunes ε_high without publishing it; the upper bound 5 is ScaleRL's CISPO (Khatri et al. 2025,
-       arXiv 2510.13786), as SkyRL's ``CISPOConfig`` defaults.
+       tunes ε_high without publishing it; ε_high = 4 (weights ≤ 5) is our choice, inside the range
+       peers use (SkyRL's default clamp [1, 6], Tinker's [0, 4]).
     4. token-mean aggregation (the paper normalises by the batch's total token count).
     5. No dual clip, no KL term, no entropy bonus.
     """

@@ -22,7 +22,9 @@ validation cadence, or the schedule.
 **Exact accumulation.** Each micro-batch's loss divides by the unit count of its whole mini-batch on
 all ranks (``PolicyLoss.minibatch_context``; for some losses it also needs a no-grad forward over
 the mini-batch), times the world size because DDP and FSDP2 average gradients over ranks. So the
-update is the same for every micro-batch size and number of ranks, for every loss and aggregation.
+update is the same for every micro-batch size and number of ranks, for every loss and aggregation
+(two exceptions: Clip-Cov's random token choice, drawn per rank, and batch-scope perplexity
+shaping, a per-rank statistic).
 Gradients are synchronised across ranks once per optimizer step (on its last micro-batch). Loss
 statistics are numerator/denominator pairs (:class:`~archer.algorithms.stats.Ratio`), summed over
 micro-batches and ranks and read once per step.
@@ -48,6 +50,7 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from archer.algorithms import (
+    STAT_KEYS,
     AdvantageEstimator,
     Ratio,
     compute_advantages,
@@ -180,6 +183,11 @@ class ArcherModule(L.LightningModule):
         self.dynamic_sampling = dynamic_sampling
         self.rollout_correction = rollout_correction
         self.kl_in_reward = kl_in_reward
+        if kl_in_reward is not None and self.loss.needs_reference:
+            raise ValueError(
+                f"model.kl_in_reward replaces the loss's KL term, but {type(self.loss).__name__} has one too "
+                "(set its KL coefficients to 0, e.g. knowledge_kl: 0.0 / kl_coef: 0.0): the KL would count twice"
+            )
         self.async_rollout = async_rollout
         self._producer: RolloutProducer | None = None
         self._producer_rewards: RewardRunner | None = None
@@ -293,6 +301,13 @@ class ArcherModule(L.LightningModule):
                 "drive; keep trainer.precision at 32-true and set model.fsdp_compute_dtype: bfloat16 (FSDP2)"
             )
         world = self.trainer.world_size
+        if self.device_mesh is not None and self.device_mesh["data_parallel"].size() != world:
+            # ModelParallelStrategy's defaults make the GPUs of a node one tensor-parallel group, which
+            # Archer does not use: the gradients would then never be averaged across ranks.
+            raise ValueError(
+                f"ModelParallelStrategy has data_parallel_size = {self.device_mesh['data_parallel'].size()} of "
+                f"{world} ranks; Archer shards data-parallel only: {FSDP2_HINT}"
+            )
         mini = self.update.mini_batch_size
         if mini % world:
             raise ValueError(
@@ -312,10 +327,18 @@ class ArcherModule(L.LightningModule):
         """
         return rank_seed(derive_seed(self._base_seed, purpose, *indices), self.global_rank)
 
-    def teardown(self, stage: str) -> None:
+    def configure_callbacks(self) -> list[L.Callback]:
+        # Lightning's exception path skips teardown: stop the producer thread there too.
+        return [_StopProducerOnException()] if self.async_rollout is not None else []
+
+    def stop_producer(self) -> None:
+        """Stop the asynchronous rollout producer, if any (idempotent)."""
         if self._producer is not None:
             self._producer.stop()
             self._producer = None
+
+    def teardown(self, stage: str) -> None:
+        self.stop_producer()
         for runner in (self.reward_runner, self._producer_rewards):
             if runner is not None:
                 runner.close()
@@ -459,7 +482,13 @@ class ArcherModule(L.LightningModule):
                                      position_ids=mb.position_ids)
         self._computed_tokens += Ratio.of(mb.attention_mask.sum(), hidden.shape[0] * hidden.shape[1])
         head = model.get_output_embeddings()
-        weight = head.weight.full_tensor() if isinstance(head.weight, DTensor) else head.weight
+        weight = head.weight
+        if isinstance(weight, DTensor):
+            # Only reached without gradients: the FSDP2 root keeps its parameters unsharded after its
+            # forward, and full_tensor()'s backward would not sum the shards' gradients over ranks.
+            if torch.is_grad_enabled():
+                raise RuntimeError("the output head is still sharded after the forward; cannot take its gradient")
+            weight = weight.full_tensor()
         logprob, entropy = token_logprobs_and_entropy(
             hidden.reshape(-1, hidden.shape[-1])[grid][None],
             weight,
@@ -559,7 +588,8 @@ class ArcherModule(L.LightningModule):
         totals = {  # summed over ranks; the phases' tokens/s divide them by this rank's (lockstep) time
             "reward/errors": scored.rewards.num_errors,
             "reward/timeouts": scored.rewards.num_timeouts,
-            "perf/rollout_tokens_per_s": float(exp.response_lengths.sum()) / t_rollout,
+            # Asynchronous: t_rollout is the trainer's wait, not generation (see time/producer_idle_s).
+            **({} if overlap else {"perf/rollout_tokens_per_s": float(exp.response_lengths.sum()) / t_rollout}),
             "perf/logprob_tokens_per_s": float(logprob_tokens) / t_logprob,
             "perf/update_tokens_per_s": float(update_tokens.num) / t_update,
             "perf/tokens": float(exp.rollout.attention_mask.sum()),  # prompt + response tokens of the step
@@ -599,7 +629,7 @@ class ArcherModule(L.LightningModule):
         response_lengths = rollout.response_lengths  # before dropped groups are masked out
         rollout.response_mask = rollout.response_mask * scored.keep[:, None].to(rollout.response_mask.dtype)
         mask = rollout.response_mask.to(self.device)
-        ranks = self._rows_of_every_rank(rollout)
+        ranks = self._rows_of_every_rank(rollout, scored.keep)
         passes = self._plan_forward(ranks, self.update.logprob_micro_batch_tokens or self.update.micro_batch_tokens)
         behaviour = self.async_rollout is not None and self.async_rollout.off_policy == "behaviour"
         if behaviour:  # the ratio's denominator is the engine's μ itself: nothing to recompute
@@ -619,7 +649,8 @@ class ArcherModule(L.LightningModule):
         if self.kl_in_reward is not None:
             rewards = kl_in_reward(rewards, old_logprob, ref_logprob, mask, beta=self.kl_in_reward.beta,
                                    estimator=self.kl_in_reward.estimator)
-        advantages = compute_advantages(rewards, n, estimator=self.advantage, sum_over_ranks=self.collectives.sum)
+        advantages = compute_advantages(rewards, n, estimator=self.advantage, sum_over_ranks=self.collectives.sum,
+                                        valid=scored.keep.to(self.device))
         advantages = advantages[:, None].expand_as(mask).contiguous()  # [N, R]
         for shaping in self.advantage_shaping:
             advantages = shaping(advantages, old_logprob, mask, n)
@@ -641,6 +672,8 @@ class ArcherModule(L.LightningModule):
     def _global_values(self, ratios: dict[str, Ratio], totals: dict[str, float]) -> dict[str, float]:
         """Ratios (numerators and denominators summed over ranks, then divided) and totals (summed
         over ranks), in one all-reduce and one host read. Ratios with nothing measured are left out."""
+        # Every rank must reduce the same keys in the same order: sorted, and losses report a fixed key set.
+        ratios, totals = dict(sorted(ratios.items())), dict(sorted(totals.items()))
         parts = [torch.stack([r.num.to(self.device), r.den.to(self.device)]) for r in ratios.values()]
         parts.append(torch.tensor(list(totals.values()), dtype=torch.float64, device=self.device).view(-1, 1).expand(-1, 2))
         reduced = self.collectives.sum(torch.cat([p.reshape(-1, 2) for p in parts])).tolist()
@@ -648,12 +681,13 @@ class ArcherModule(L.LightningModule):
         values.update({key: num for key, (num, _) in zip(totals, reduced[len(ratios):])})
         return values
 
-    def _rows_of_every_rank(self, rollout: RolloutBatch) -> list[Tensor]:
+    def _rows_of_every_rank(self, rollout: RolloutBatch, keep: Tensor) -> list[Tensor]:
         """Per rank ``q``, its ``[N, 3]`` (prompt length, response length, kept) rows: what the
-        micro-batch planner needs to cut every rank's rows the same way on all of them (one all-gather)."""
+        micro-batch planner needs to cut every rank's rows the same way on all of them (one all-gather).
+        ``keep`` ``[N]``: this rank's rows that dynamic sampling kept."""
         prompt = rollout.attention_mask[:, : rollout.prompt_len].sum(-1)
         response = rollout.response_mask.sum(-1).long()  # 0 for the groups dynamic sampling dropped
-        kept = rollout.response_mask.any(-1).long()
+        kept = keep.long()
         local = torch.stack([prompt, response, kept], -1).to(self.device)
         return list(self.collectives.cat(local.flatten()).view(self.trainer.world_size, -1, 3).cpu())
 
@@ -690,7 +724,7 @@ class ArcherModule(L.LightningModule):
         ``grad_norm``) and the number of optimizer steps taken.
         """
         optimizer = self.optimizers()
-        stats: dict[str, Ratio] = {}
+        stats = _no_stats()
         taken = 0
         nonfinite = False
         for step, micro_batches in enumerate(plan):
@@ -699,7 +733,7 @@ class ArcherModule(L.LightningModule):
             if step_stats is None:
                 self._counters["empty_steps"] += 1
             elif step_stats["finite"]:
-                stats = {k: stats[k] + v for k, v in step_stats["stats"].items()} if stats else step_stats["stats"]
+                stats = _add_stats(stats, step_stats["stats"])
                 taken += 1
             else:
                 nonfinite = True
@@ -733,7 +767,7 @@ class ArcherModule(L.LightningModule):
             mask, self.collectives, seed=self._seed("minibatch", self.global_step, step), **forward
         )
         world = self.trainer.world_size
-        stats: dict[str, Ratio] = {}
+        stats = _no_stats()
         finite = torch.ones((), dtype=torch.bool, device=self.device)
         start = 0
         for j, micro in enumerate(micro_batches):
@@ -759,7 +793,7 @@ class ArcherModule(L.LightningModule):
                         pg_weight=None if exp.pg_weight is None else exp.pg_weight[micro, :r],
                         context=self.loss.micro_batch_context(context, positions),
                     )
-                    stats = {k: stats[k] + v for k, v in loss_stats.items()} if stats else loss_stats
+                    stats = _add_stats(stats, loss_stats)
                     if step == 0 and start == 0:
                         self._first_entropy, self._first_entropy_rows = entropy.detach(), micro
                 # DDP and FSDP2 average gradients over ranks; the loss is already a share of the global mean.
@@ -865,6 +899,24 @@ def _fully_shard_decoder(model: torch.nn.Module, mesh, compute_dtype: str | None
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+class _StopProducerOnException(L.Callback):
+    """Stops the asynchronous rollout producer when training ends with an exception."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        pl_module.stop_producer()
+
+
+def _no_stats() -> dict[str, Ratio]:
+    """The statistics of an update that measured nothing yet: every key a loss reports (``STAT_KEYS``)
+    and ``grad_norm``, at 0 / 0. Starting from the full key set keeps it the same on every rank, also
+    on a rank whose micro-batches of a step were all placeholders (its loss never ran)."""
+    return {key: Ratio.of(0.0, 0.0) for key in (*STAT_KEYS, "grad_norm")}
+
+
+def _add_stats(total: dict[str, Ratio], part: dict[str, Ratio]) -> dict[str, Ratio]:
+    return {key: total.get(key, Ratio.of(0.0, 0.0)) + part.get(key, Ratio.of(0.0, 0.0)) for key in total.keys() | part.keys()}
 
 
 def _reset_peak_memory(device: torch.device) -> None:

@@ -15,7 +15,7 @@ __all__ = ["TokenViewCallback"]
 
 
 class TokenViewCallback(L.Callback):
-    """Every ``every_n_steps`` optimizer steps, save ``num_samples`` rollout samples as JSON + HTML.
+    """Every ``every_n_steps`` RL steps (global steps), save ``num_samples`` rollout samples as JSON + HTML.
 
     Reads ``pl_module.last_rollout_samples`` (sample dicts ``{"prompt", "tokens", "entropy",
     "reward", "step"}``, entropy from the training forward pass) and ``pl_module.loss.rho``, and
@@ -36,8 +36,7 @@ class TokenViewCallback(L.Callback):
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
-        # One training batch may take several optimizer steps (PPO epochs × mini-batches), so
-        # `global_step % n == 0` could be skipped over; write once the step reaches the next mark.
+        # Write once the step reaches the next mark (robust to a resume that starts between marks).
         self._next_step = 0
 
     def on_train_batch_end(

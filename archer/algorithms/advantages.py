@@ -75,16 +75,18 @@ def reinforce_pp_baseline_advantages(
     *,
     eps: float = 1e-6,
     sum_over_ranks: Callable[[Tensor], Tensor] | None = None,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """REINFORCE++-baseline advantages ``[N]``: group-centred rewards over the batch's std (module docstring).
 
     ``sum_over_ranks``: sums a tensor over data-parallel ranks, so that the std is over the whole
-    batch on all ranks (every rank must call); None: over these rewards. A batch of ≤ 1 response
-    has std 0.
+    batch on all ranks (every rank must call); None: over these rewards. ``valid`` ``[N]`` bool: the
+    responses that will be trained on (groups dynamic sampling dropped are not): only they enter the
+    std, as if the dropped ones had been filtered out first. A batch of ≤ 1 response has std 0.
     """
     centred = grpo_advantages(rewards.double(), group_size, normalize_std=False)  # R_i − mean_g, exact 0 if uninformative
-    count = torch.tensor(float(centred.numel()), dtype=torch.float64, device=centred.device)
-    moments = torch.stack([count, centred.sum(), centred.square().sum()])
+    weight = torch.ones_like(centred) if valid is None else valid.to(centred)
+    moments = torch.stack([weight.sum(), (weight * centred).sum(), (weight * centred.square()).sum()])
     if sum_over_ranks is not None:
         moments = sum_over_ranks(moments)
     count, total, total_square = moments
@@ -98,9 +100,10 @@ def compute_advantages(
     estimator: AdvantageEstimator,
     *,
     sum_over_ranks: Callable[[Tensor], Tensor] | None = None,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """Dispatch by name: ``"grpo"``, ``"drgrpo"`` (GRPO without std), ``"rloo"`` or
-    ``"reinforce_pp_baseline"`` (which uses ``sum_over_ranks``); returns ``[N]``."""
+    ``"reinforce_pp_baseline"`` (which uses ``sum_over_ranks`` and ``valid``); returns ``[N]``."""
     if estimator == "grpo":
         return grpo_advantages(rewards, group_size)
     if estimator == "drgrpo":
@@ -108,7 +111,7 @@ def compute_advantages(
     if estimator == "rloo":
         return rloo_advantages(rewards, group_size)
     if estimator == "reinforce_pp_baseline":
-        return reinforce_pp_baseline_advantages(rewards, group_size, sum_over_ranks=sum_over_ranks)
+        return reinforce_pp_baseline_advantages(rewards, group_size, sum_over_ranks=sum_over_ranks, valid=valid)
     raise ValueError(
         f"unknown advantage estimator {estimator!r}; expected 'grpo', 'drgrpo', 'rloo' or 'reinforce_pp_baseline'"
     )

@@ -14,8 +14,8 @@ weight was clipped (they still have a gradient); ratio_mean is the token mean of
 
 Defaults: the paper sets no effective lower bound (a large ε⁻) and tunes ε⁺ without publishing
 it. :class:`~archer.losses.CISPOLoss` uses (ε⁻, ε⁺) = (1.0, 4.0), i.e. r̂ ∈ [0, 5]: no lower
-clip (r > 0), upper bound 5 as in ScaleRL's CISPO (Khatri et al. 2025, arXiv 2510.13786; SkyRL's
-``CISPOConfig`` defaults).
+clip (r > 0) and an upper bound of 5 — our choice, inside the range peers use (SkyRL's default
+clamp is [1, 6], Tinker's [0, 4]).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization", arXiv 2507.18071), GSPO-token form.
 
 The importance ratio is one per response: the geometric mean of its tokens' ratios. Per response
-i with valid tokens {t : m_t = 1} (n_i of them), δ_t = clamp(ℓ_t − ℓ^old_t, −20, 20)::
+i with valid tokens {t : m_t = 1} (n_i of them), δ_t = ℓ_t − ℓ^old_t::
 
     s_i     = exp(clamp(mean_t δ_t, −20, 20))
     s_{i,t} = sg(s_i) · exp(ℓ_t − sg(ℓ_t))                 value s_i, gradient s_i · ∇ℓ_t
@@ -12,8 +12,8 @@ Per-token advantages A_{i,t} are allowed (GSPO-token). With one advantage A_i pe
 loss equals the sequence-level objective −mean_i min(s_i A_i, clip(s_i, 1 − ε⁻, 1 + ε⁺) A_i),
 gradients included: (1/n_i) Σ_t s_i ∇ℓ_t = ∇s_i, and since every token of a response has the same
 ratio, the clip is decided per response. Paper defaults: (ε⁻, ε⁺) = (3·10⁻⁴, 4·10⁻⁴) (the ratio
-of a geometric mean moves far less than a token ratio), no dual clip, no KL. The clamps at ±20
-only keep exp() finite (as for r_t elsewhere). Stats: ratio_mean is the token mean of s_i; clipfrac
+of a geometric mean moves far less than a token ratio), no dual clip, no KL. The clamp at ±20,
+on the mean, only keeps exp() finite (as for r_t elsewhere); single tokens are not clamped. Stats: ratio_mean is the token mean of s_i; clipfrac
 counts the tokens of clipped responses.
 """
 
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from archer.algorithms.kl import KLEstimator
-from archer.algorithms.policy_loss import Units, _check_clip, _check_shapes, _log_ratio, clipped_surrogate, surrogate_loss
+from archer.algorithms.policy_loss import Units, _check_clip, _check_shapes, clipped_surrogate, surrogate_loss
 from archer.algorithms.stats import Ratio
 
 __all__ = ["gspo_loss"]
@@ -55,7 +55,7 @@ def gspo_loss(
     _check_shapes(response_mask, logprob=logprob, old_logprob=old_logprob, ref_logprob=ref_logprob, entropy=entropy)
     _check_clip("clip", clip)
     mask = response_mask.bool()
-    log_ratio = _log_ratio(logprob, old_logprob, mask)  # δ_t, 0 at padding
+    log_ratio = torch.where(mask, logprob - old_logprob.detach(), 0.0)  # δ_t, 0 at padding; clamped after the mean
     sequence_log_ratio = log_ratio.sum(dim=-1) / mask.sum(dim=-1).clamp_min(1)  # log s_i, [B]
     token_log_ratio = sequence_log_ratio.detach().unsqueeze(-1) + (logprob - logprob.detach())  # log s_{i,t}
     surrogate = clipped_surrogate(

@@ -67,7 +67,9 @@ def ppl_advantage_shaping(
 
     Groups are contiguous blocks of ``group_size`` rows, as in
     :func:`~archer.algorithms.advantages.grpo_advantages` (whose z-score this reuses). A response
-    with no valid token has logPPL = 0.
+    with no valid token (e.g. a group dynamic sampling dropped) is left out of the batch z-score and
+    left unchanged. ``scope="batch"`` z-scores over the rows given (the trainer gives one rank's rows:
+    over several ranks it is a per-rank statistic).
     """
     if scope not in ("group", "batch"):
         raise ValueError(f"scope must be 'group' or 'batch', got {scope!r}")
@@ -75,7 +77,12 @@ def ppl_advantage_shaping(
     token_adv = _token_advantages(advantages, mask)
     valid_logprob = torch.where(mask, logprob.detach().double(), 0.0)
     log_ppl = -valid_logprob.sum(-1) / mask.sum(-1).clamp_min(1)
-    weight = grpo_advantages(log_ppl, group_size if scope == "group" else log_ppl.numel())
+    if scope == "group":
+        weight = grpo_advantages(log_ppl, group_size)
+    else:
+        valid = mask.any(-1)
+        weight = torch.zeros_like(log_ppl)
+        weight[valid] = grpo_advantages(log_ppl[valid], max(1, int(valid.sum())))
     shaped = token_adv * (1.0 - alpha * weight.to(token_adv.dtype)).unsqueeze(-1)
     return torch.where(mask, shaped, token_adv)
 

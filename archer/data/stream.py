@@ -66,14 +66,19 @@ class PromptStream(IterableDataset):
         self._epoch_order: tuple[int, list[int]] | None = None
 
     def epoch_order(self, epoch: int) -> list[int]:
-        """Item indices in the order epoch ``epoch`` visits them (the same on every rank)."""
-        if self._epoch_order is None or self._epoch_order[0] != epoch:
-            order = list(range(len(self.items)))
-            if self.shuffle:
-                # A string seed is hashed with SHA-512, so the order is the same in every process.
-                random.Random(f"{self.seed}/{epoch}").shuffle(order)
-            self._epoch_order = (epoch, order)
-        return self._epoch_order[1]
+        """Item indices in the order epoch ``epoch`` visits them (the same on every rank).
+
+        Safe to call from two threads (the training data loader and an asynchronous rollout
+        producer, possibly in different epochs): the cache is read once and replaced whole."""
+        cached = self._epoch_order
+        if cached is not None and cached[0] == epoch:
+            return cached[1]
+        order = list(range(len(self.items)))
+        if self.shuffle:
+            # A string seed is hashed with SHA-512, so the order is the same in every process.
+            random.Random(f"{self.seed}/{epoch}").shuffle(order)
+        self._epoch_order = (epoch, order)
+        return order
 
     def global_batch_indices(self, index: int) -> list[int]:
         """Item indices of global batch ``index`` (rank ``r``'s share is ``[r::world_size]``)."""

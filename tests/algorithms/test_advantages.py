@@ -63,3 +63,17 @@ def test_bad_groupings_are_rejected():
         grpo_advantages(torch.zeros(2, 2), 2)
     with pytest.raises(ValueError, match="unknown advantage estimator"):
         compute_advantages(torch.zeros(2), 2, "ppo")
+
+
+def test_reinforce_pp_baseline_std_leaves_out_the_rows_not_trained_on():
+    # Groups of 2: [1, 0] (centred ±0.5), [1, 1] (dropped: centred 0, 0), [0, 1] (∓0.5).
+    # Valid rows: the first and the last group → centred values ±0.5 (four of them), mean 0,
+    # unbiased variance 4·0.25 / 3 = 1/3 → std 0.57735; advantages ±0.5 / 0.57735 = ±0.866025.
+    # With the dropped zeros counted the std would be sqrt(1/5) = 0.4472 (advantages ±1.118).
+    from archer.algorithms.advantages import reinforce_pp_baseline_advantages
+
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    valid = torch.tensor([True, True, False, False, True, True])
+    out = reinforce_pp_baseline_advantages(rewards, 2, eps=0.0, valid=valid)
+    expected = 0.5 / (1 / 3) ** 0.5
+    torch.testing.assert_close(out, torch.tensor([expected, -expected, 0.0, 0.0, -expected, expected], dtype=torch.float64))

@@ -48,3 +48,12 @@ def test_one_advantage_per_response_is_the_sequence_level_objective(clip):
     torch.testing.assert_close(loss, sequence)
     torch.testing.assert_close(torch.autograd.grad(loss, logprob)[0], torch.autograd.grad(sequence, logprob)[0])
 
+
+
+def test_the_sequence_ratio_is_the_mean_of_unclamped_token_log_ratios():
+    # δ = [30, −12]: s = exp(mean δ) = exp(9) (a per-token clamp at ±20 would give exp((20 − 12)/2) = e⁴).
+    # A = −1 and s far above 1 + ε⁺: pg_t = max(s, clip(s)) = s on both tokens; seq-mean-token-mean = s.
+    logprob = torch.tensor([[30.0, -12.0]], dtype=torch.float64)
+    loss, _ = gspo_loss(logprob, torch.zeros(1, 2, dtype=torch.float64), torch.tensor([-1.0], dtype=torch.float64),
+                        torch.ones(1, 2))
+    torch.testing.assert_close(loss, torch.tensor(math.exp(9.0), dtype=torch.float64))

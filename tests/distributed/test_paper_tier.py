@@ -295,6 +295,20 @@ def test_fsdp2_bf16_refill_decides_for_all_ranks(tiny_model_dir, tmp_path):
     _finite_train_statistics(df)
 
 
+def test_a_rank_without_an_informative_group_trains_in_step_with_the_other(tiny_model_dir, tmp_path):
+    """Drop-only dynamic sampling where rank 1 never has an informative group: its micro-batches are all
+    placeholders, its loss never runs, and still both ranks reduce the same statistics and gradients
+    (before the fix rank 1's statistics had fewer keys and the all-reduce of the metrics failed)."""
+    model = _paper(reward={"class_path": "scale_probe.ConstantOnRankOneReward"},
+                   sampling={"n": 8, "temperature": 1.0, "max_new_tokens": 4})
+    override = override_file(tmp_path, max_steps=2, every=2, model=model, data=PAPER_DATA)
+    assert_ok(run_subprocess(tmp_path, args(tiny_model_dir, override, "--trainer.devices=2", "--trainer.strategy=ddp")))
+    df = metrics(tmp_path)
+    train = train_rows(df)
+    assert (train["train/kept_groups_fraction"] <= 0.5).all() and train["train/optimizer_steps"].sum() > 0
+    _finite_train_statistics(df)
+
+
 def test_validation_counts_every_prompt_once_on_two_ranks(tiny_model_dir, tmp_path):
     """5 val prompts on 2 ranks, a reward that is 1 only for the first prompt: pass@1 must be 1/5.
     Lightning's distributed sampler padded rank 1 with a copy of the first prompt (2/6 = 0.33)."""
@@ -337,7 +351,10 @@ def test_the_paper_configs_run_a_step_on_two_cpu_ranks(config, tiny_model_dir, t
     cpu = {
         "trainer": {"accelerator": "cpu", "devices": 2, "max_steps": 1, "val_check_interval": 1,
                     "strategy": json.loads(FSDP2)},
-        "model": {"rollout": {"init_args": {"kv_cache_memory_bytes": 64 * 2**20, "max_model_len": 512}},
+        # No dynamic sampling: the tiny model gets every math reward wrong, and dropping all its groups
+        # would leave nothing to update; this way the step really updates (a KL or zero-advantage step).
+        "model": {"dynamic_sampling": None,
+                  "rollout": {"init_args": {"kv_cache_memory_bytes": 64 * 2**20, "max_model_len": 512}},
                   "sampling": {"n": 4, "max_new_tokens": 8}, "val_sampling": {"n": 2, "max_new_tokens": 8},
                   "pass_k": [1, 2], "update": {"mini_batch_size": 2}, "reward_workers": 1},
         "data": {"batch_size": 4, "val_batch_size": 2},
@@ -353,8 +370,8 @@ def test_the_paper_configs_run_a_step_on_two_cpu_ranks(config, tiny_model_dir, t
     run = f"runs/{config.removesuffix('.yaml')}"
     df = metrics(tmp_path, run=run)
     train = train_rows(df)
-    assert len(train) == 1 and train["train/optimizer_steps"][0] + train["train/empty_steps"][0] == OPTIMIZER_STEPS
-    assert "time/weight_sync_s" in df.columns  # (rollout/mismatch_* cover trained tokens: none here, all groups dropped)
+    assert len(train) == 1 and train["train/optimizer_steps"][0] == OPTIMIZER_STEPS
+    assert "time/weight_sync_s" in df.columns and "rollout/mismatch_kl" in train.columns
     assert {"val/aime24/pass@1", "val/aime25/pass@2"} <= set(df.columns)
     _finite_train_statistics(df)
     assert (tmp_path / run / "checkpoints" / "last.ckpt").exists()
