@@ -5,7 +5,7 @@
     archer fit --config X.yaml --ckpt_path last         # resume from the newest checkpoint
     archer tiny-model OUT_DIR                           # a tiny random Qwen2 + char tokenizer (offline)
     archer report RUN_DIR                               # plots + token view from a run's logs
-    archer export CKPT OUT_DIR                          # checkpoint -> Hugging Face folder
+    archer export CKPT OUT_DIR                          # checkpoint (file or FSDP2 folder) -> Hugging Face folder
     archer data inspect FILE --model MODEL_DIR          # schema, rows, token lengths, a rendered prompt
     archer data convert IN OUT.jsonl|OUT.parquet        # any supported data file -> normalised rows
     archer eval MODEL --data NAME=FILE --n N --k K [K ...] --out OUT_DIR   # avg@n / pass@k / maj@k
@@ -67,7 +67,8 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     # Every option defaults to "not given", so a --config file's values stand unless a flag overrides them.
     ev = sub.add_parser("eval", help="avg@n / pass@k / maj@k of a model on benchmark files (resumable)",
                         argument_default=argparse.SUPPRESS)
-    ev.add_argument("model", nargs="?", help="HF model folder or Archer .ckpt")
+    ev.add_argument("model", nargs="?",
+                    help="HF model folder, or Archer checkpoint: a .ckpt file or a checkpoint folder (FSDP2)")
     ev.add_argument("--config", help="YAML file of EvalConfig fields (flags override it)")
     ev.add_argument("--data", action="append", metavar="NAME=FILE", help="a benchmark (repeat for several)")
     ev.add_argument("--n", type=int, help="samples per problem")
@@ -205,7 +206,7 @@ def _tool(argv: list[str]) -> None:
     report.add_argument("run_dir")
     report.add_argument("--out-dir", default=None)
     export = sub.add_parser("export", help="write a checkpoint's actor as a Hugging Face folder")
-    export.add_argument("ckpt")
+    export.add_argument("ckpt", help="Archer checkpoint: a .ckpt file or a checkpoint folder (FSDP2)")
     export.add_argument("out_dir")
     _add_data_parser(sub)
     _add_eval_parser(sub)

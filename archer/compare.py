@@ -11,7 +11,8 @@ and the others go on. Running the same command again skips the finished runs (``
 each run's command, a digest of its config files and the outcome), resumes an unfinished one from
 its ``checkpoints/last.ckpt`` and starts afresh a run whose command or config files changed.
 
-Then, per metric (:data:`METRICS`, plus every ``val/*/pass@k`` column logged), ``OUT/<metric>.png``:
+Then, per metric (:data:`METRICS`, plus every ``val/*/pass@k`` column logged), ``OUT/<metric>.png``
+(a rerun deletes its plots of metrics no longer logged, and no other PNG):
 for each variant the mean over seeds of the smoothed curves with a min–max band, and
 ``OUT/summary.md``: per metric and variant the final and best values, mean ± sample standard
 deviation over seeds. "Final" is the trailing mean over the last 10% of a run's logged points (at
@@ -32,6 +33,7 @@ import inspect
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -219,7 +221,7 @@ def execute(run: Run, config: Path, overrides: dict[str, str]) -> dict:
     if same and record["status"] == "done":
         print(f"archer compare: {run.variant} seed {run.seed}: done before, skipped", flush=True)
         return record
-    resume = same and (run.dir / "checkpoints" / "last.ckpt").is_file()
+    resume = same and (run.dir / "checkpoints" / "last.ckpt").exists()  # a file, or a folder under FSDP2
     if record is not None and not resume:
         shutil.rmtree(run.dir)  # its command or files changed (or it never saved a checkpoint): start afresh
     elif record is None and run.dir.exists() and any(run.dir.iterdir()):
@@ -299,6 +301,16 @@ def _metrics_present(runs: dict[Run, pd.DataFrame]) -> list[Metric]:
 
 def _file_name(column: str) -> str:
     return column.replace("/", "_").replace("@", "_at_") + ".png"
+
+
+_VALIDATION_PLOT = re.compile(r"^val_.+_(pass|avg)_at_\d+\.png$")
+"""The file names :func:`_file_name` gives ``val/*/pass@k`` and ``avg@k`` columns."""
+
+
+def _is_metric_plot(name: str) -> bool:
+    """Whether ``name`` is a file name this module writes plots to (a metric of :data:`METRICS`, or a
+    validation pass@k / avg@k column): the only PNGs a new comparison may delete from ``OUT``."""
+    return name in {_file_name(metric.column) for metric in METRICS} or _VALIDATION_PLOT.match(name) is not None
 
 
 def _by_variant(per_run: dict[Run, pd.Series]) -> dict[str, list[pd.Series]]:
@@ -399,8 +411,9 @@ def compare(
                  if metric.column in frame and not (values := metric_series(frame, metric.column)).empty}
         for metric in _metrics_present(frames)
     }
-    for stale in out.glob("*.png"):  # plots of metrics no longer logged must not linger
-        stale.unlink()
+    for stale in out.glob("*.png"):  # plots of metrics no longer logged must not linger ...
+        if _is_metric_plot(stale.name):  # ... but other PNGs in OUT are not ours to delete
+            stale.unlink()
     plots = [_plot(metric, _by_variant(per_run), out) for metric, per_run in series.items() if per_run]
     summary = out / "summary.md"
     summary.write_text(_summary(config, runs, records, series, plots, overrides), encoding="utf-8")

@@ -1,24 +1,111 @@
 """``archer export CKPT OUT_DIR``: a Lightning checkpoint's actor → a Hugging Face model folder.
 
+CKPT is either form in which Lightning saves the Archer module:
+
+* a file (``Trainer.save_checkpoint`` / ``ModelCheckpoint`` on one device or under DDP): one
+  ``torch.save`` dict with ``state_dict``, ``hyper_parameters``, optimizer and loop state;
+* a folder, what ``ModelParallelStrategy`` (FSDP2, the shipped GPU configs) saves by default
+  (``save_distributed_checkpoint=True``): every rank writes its shards with
+  ``torch.distributed.checkpoint`` (DCP: ``.metadata`` + ``*.distcp`` files, the module state
+  under ``state_dict``, optimizer states under ``optimizer_<i>``), and rank 0 writes the remaining
+  entries (``hyper_parameters``, loop state, ...) to ``meta.pt``. Of such a folder only the actor's
+  tensors (full size: one copy of the policy in host memory, no reference model, no optimizer
+  state) and ``meta.pt`` are read. Lightning's ``consolidate_checkpoint`` utility expects FSDP1's
+  layout (a ``model`` entry) and fails on these folders, and torch's ``dcp_to_torch_save`` drops
+  ``meta.pt`` (so the ``model_path`` below): neither is needed.
+
+:func:`load_checkpoint` reads both forms; :func:`export_checkpoint` (and ``archer eval``, which
+exports a checkpoint to ``OUT/model`` first) goes through it.
+
 The module stores the trained policy as ``self.actor`` (a ``transformers`` causal LM), so the
 checkpoint's ``state_dict`` holds its weights under ``actor.<HF parameter name>``; other prefixes
 (``reference.``, ...) are ignored. ``hyper_parameters["model_path"]`` is the HF folder the actor
 was loaded from: config, tokenizer and generation config are copied from it. The output is a
 ``save_pretrained`` folder (safetensors) that ``AutoModelForCausalLM.from_pretrained`` and vLLM
 load. Weights keep the dtype they were trained in.
+
+Both forms hold pickles (``torch.load(weights_only=False)``: Lightning pickles hyper-parameters,
+dataclasses, paths): only export checkpoints you trust.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-__all__ = ["ACTOR_PREFIX", "export_checkpoint", "actor_state_dict"]
+__all__ = ["ACTOR_PREFIX", "export_checkpoint", "load_checkpoint", "is_distributed_checkpoint", "actor_state_dict"]
 
 ACTOR_PREFIX = "actor."
+_DCP_METADATA = ".metadata"
+_LIGHTNING_META = "meta.pt"  # lightning.fabric.utilities.load._METADATA_FILENAME
+
+
+def is_distributed_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a folder written by ``torch.distributed.checkpoint``."""
+    return (Path(path) / _DCP_METADATA).is_file()
+
+
+def load_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
+    """The checkpoint at ``ckpt_path`` as one dict, ``{"state_dict": ..., "hyper_parameters": ..., ...}``.
+
+    Args:
+        ckpt_path: a single-file Lightning checkpoint, or a sharded (FSDP2 / DCP) checkpoint folder.
+            From a folder, ``state_dict`` holds only the actor's (``actor.*``) tensors, consolidated to
+            full size, and the other entries are those of its ``meta.pt``.
+    """
+    path = Path(ckpt_path)
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=False)
+    if is_distributed_checkpoint(path):
+        return _load_distributed_actor(path)
+    raise FileNotFoundError(
+        f"checkpoint {path} is neither a file nor a sharded (FSDP2) checkpoint folder "
+        f"({'no ' + _DCP_METADATA + ' in it' if path.is_dir() else 'it does not exist'})"
+    )
+
+
+def _load_distributed_actor(folder: Path) -> dict[str, Any]:
+    """``{**meta.pt, "state_dict": actor.* tensors}`` of the DCP folder ``folder``."""
+    import torch.distributed.checkpoint as dcp
+
+    meta_file = folder / _LIGHTNING_META
+    if not meta_file.is_file():
+        raise FileNotFoundError(
+            f"{folder}: a torch.distributed checkpoint without Lightning's {_LIGHTNING_META} (hyper_parameters, "
+            "so the model_path the export needs); not a checkpoint saved by the Archer module's Trainer"
+        )
+    reader = dcp.FileSystemReader(folder)
+    metadata = reader.read_metadata()
+    # DCP flattens nested dicts; planner_data maps each flat key back to its path, here
+    # ("state_dict", "actor.model....") — Lightning's keys contain dots, so the path is the truth.
+    paths = metadata.planner_data or {}
+    request: dict[str, torch.Tensor] = {}
+    prefixes: set[str] = set()
+    for key, entry in metadata.state_dict_metadata.items():
+        path = paths.get(key, tuple(key.split(".", 1)))
+        if len(path) != 2 or path[0] != "state_dict":
+            continue
+        name = str(path[1])
+        prefixes.add(name.split(".", 1)[0])
+        if not name.startswith(ACTOR_PREFIX):
+            continue
+        if not hasattr(entry, "size"):
+            raise ValueError(f"{folder}: {name} is not a tensor in the checkpoint")
+        request[name] = torch.empty(entry.size, dtype=entry.properties.dtype)
+    if not request:
+        raise KeyError(f"{folder}: no 'state_dict.{ACTOR_PREFIX}*' tensors in the distributed checkpoint "
+                       f"(state_dict prefixes: {sorted(prefixes)})")
+    state = {"state_dict": request}
+    with warnings.catch_warnings():  # "torch.distributed ... uninitialized, assuming ... a single process": intended
+        warnings.filterwarnings("ignore", message=r".*torch\.distributed is disabled, unavailable or uninitialized")
+        dcp.load(state, storage_reader=reader)  # only the requested keys are read
+    extra = torch.load(meta_file, map_location="cpu", weights_only=False)
+    return {**extra, "state_dict": state["state_dict"]}
 
 
 def actor_state_dict(state_dict: dict[str, torch.Tensor], ckpt_path: Path) -> dict[str, torch.Tensor]:
@@ -34,19 +121,12 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     """Write the checkpoint's actor as a HF ``save_pretrained`` folder; return ``out_dir``.
 
     Args:
-        ckpt_path: a single-file Lightning checkpoint (``Trainer.save_checkpoint`` /
-            ``ModelCheckpoint``) of the Archer module.
+        ckpt_path: a Lightning checkpoint of the Archer module: a single file (``Trainer.save_checkpoint``
+            / ``ModelCheckpoint``) or the folder ``ModelParallelStrategy`` (FSDP2) saves.
         out_dir: the folder to write (created; existing files of the same name are overwritten).
     """
     ckpt_file = Path(ckpt_path)
-    if not ckpt_file.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {ckpt_file} is not a file (a sharded/distributed checkpoint folder must first be "
-            "consolidated with `python -m lightning.pytorch.utilities.consolidate_checkpoint`)"
-        )
-    # weights_only=False: Lightning checkpoints pickle hyper-parameters (dataclasses, paths). Only
-    # export checkpoints you trust, as with any pickle.
-    checkpoint = torch.load(ckpt_file, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint(ckpt_file)
     for key in ("state_dict", "hyper_parameters"):
         if key not in checkpoint:
             raise KeyError(f"{ckpt_file}: not a Lightning module checkpoint, no {key!r} entry")

@@ -13,7 +13,7 @@ import time
 
 from archer.rewards import RewardRunner, run_tests
 from archer.rewards.math import score
-from archer.rewards.sandbox import default_python, isolation_mode, run_program
+from archer.rewards.sandbox import SandboxLimits, default_python, isolation_mode, run_program
 
 ADD = "a, b = map(int, input().split())\nprint(a + b)\n"
 NUM_TESTS = 24
@@ -39,6 +39,8 @@ def main() -> None:
     rows.append(("bare `python -I -c pass`, ms", f"{bare * 1e3:.1f}"))
     rows.append((f"sandboxed `pass` (mode {isolation_mode()}), ms", f"{sandboxed * 1e3:.1f}"))
     rows.append(("sandbox overhead per test, ms", f"{(sandboxed - bare) * 1e3:.1f}"))
+    killed = run_program("while True:\n    pass", "", SandboxLimits(timeout_s=1.0))
+    rows.append((f"infinite loop under timeout_s=1.0: {killed.status} after, s", f"{killed.wall_s:.2f}"))
     calls = 0
     start = time.perf_counter()
     while time.perf_counter() - start < 5.0:

@@ -89,6 +89,26 @@ def test_a_resumed_run_s_metrics_are_merged_later_version_winning(tmp_path):
     assert metric_series(read_run_metrics(tmp_path), "train/reward_mean")[4] == 0.1
 
 
+def test_rewriting_the_plots_deletes_only_plots_it_writes(tmp_path, monkeypatch):
+    import archer.compare as compare_module
+
+    frame = pd.DataFrame({"step": [0, 1, 2], "train/reward_mean": [0.1, 0.2, 0.3], "val/aime/pass@1": [0.0, 0.5, 0.5]})
+    monkeypatch.setattr(compare_module, "execute", lambda run, config, overrides: {"status": "done", "wall_s": 1.0})
+    monkeypatch.setattr(compare_module, "read_run_metrics", lambda run_dir: frame)
+    config = tmp_path / "base.yaml"
+    config.write_text("{}")
+    out = tmp_path / "out"
+    out.mkdir()
+    ours_stale = ["train_entropy.png", "val_math500_pass_at_4.png"]  # metrics an earlier comparison logged
+    theirs = ["figure1.png", "train_reward_mean_annotated.png", "val_notes.png"]  # not plot names of compare
+    for name in ours_stale + theirs:
+        (out / name).write_bytes(b"png")
+    compare_module.compare(config, [DAPO], 1, out)
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(
+        theirs + ["train_reward_mean.png", "val_aime_pass_at_1.png"])
+    assert (out / "figure1.png").read_bytes() == b"png"
+
+
 # ------------------------------------------------------------------------------------- runs and paths
 def test_runs_go_seed_by_seed_and_variant_names_must_differ(tmp_path):
     runs = plan_runs([DAPO, GSPO], [0, 1], tmp_path)

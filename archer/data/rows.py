@@ -127,8 +127,14 @@ def _tests(record: dict, fields: RowFields, file: str, line: int) -> list[dict] 
             raise BadRowError(file, line, path, f"is {type(value).__name__}, expected a list, dict or string")
         try:
             tests.extend(normalize_tests(value, fn_name=fn_name if isinstance(fn_name, str) else None))
-        except ValueError as error:
-            raise BadRowError(file, line, path, str(error)) from error
+        except Exception as error:  # noqa: BLE001
+            # Any failure, not only the ValueErrors normalize_tests raises on purpose: the restricted
+            # unpickler of compressed tests can raise almost anything on crafted or corrupt bytes
+            # (TypeError for an unhashable dict key, KeyError for a missing memo entry, struct.error,
+            # MemoryError, RecursionError ...), and a malformed test dict a KeyError or TypeError.
+            # The user gets the row and field to look at, the cause chained.
+            reason = str(error) if isinstance(error, ValueError) else f"unreadable tests ({type(error).__name__}: {error})"
+            raise BadRowError(file, line, path, reason) from error
         found = True
     return tests if found else None
 

@@ -25,8 +25,8 @@ class EvalConfig:
     """What to evaluate, how to sample and grade it, and where the results go."""
 
     model: str
-    """A Hugging Face model folder, or an Archer Lightning checkpoint (``.ckpt``), exported to
-    ``OUT/model`` first."""
+    """A Hugging Face model folder, or an Archer Lightning checkpoint (a ``.ckpt`` file, or the folder
+    FSDP2's ``ModelParallelStrategy`` saves), exported to ``OUT/model`` first."""
     data: dict[str, str]
     """Benchmarks, name -> data file (any format ``archer data`` reads)."""
     out: str
@@ -34,7 +34,7 @@ class EvalConfig:
     n: int = 16
     """Samples per problem (avg@n)."""
     k: list[int] = field(default_factory=lambda: [1])
-    """The k of pass@k and maj@k, each <= n."""
+    """The k of pass@k and maj@k: at least one, each in [1, n]."""
     temperature: float | None = None
     """Sampling temperature; None: the paper's per domain (math 0.6, code 0.8)."""
     top_p: float | None = None

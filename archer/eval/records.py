@@ -50,10 +50,12 @@ def load_records(path: str | Path) -> list[SampleRecord]:
         with path.open("r+b") as f:
             f.truncate(end)
     records = []
-    for number, line in enumerate(data[:end].decode("utf-8").splitlines(), start=1):
+    # Split on b"\n" only: ``str.splitlines`` also splits on U+2028, U+2029 and U+0085, which
+    # ``json.dumps(..., ensure_ascii=False)`` writes unescaped inside a response's string.
+    for number, line in enumerate(data[:end].split(b"\n")[:-1], start=1):
         try:
-            records.append(SampleRecord(**json.loads(line)))
-        except (json.JSONDecodeError, TypeError) as error:
+            records.append(SampleRecord(**json.loads(line.decode("utf-8"))))
+        except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as error:
             raise ValueError(f"{path}:{number}: not a sample record ({error}); move the file away to start over") from error
     return records
 

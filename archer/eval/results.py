@@ -1,10 +1,14 @@
 """From ``samples.jsonl`` records to ``results.json`` and the paper-style ``results.md``.
 
 A response is correct when its score is >= 1 (the verifiable rewards are 0/1; with
-``CodeReward(mode="fraction")`` only a full pass counts). Every figure is a mean over problems
-of the per-problem values of :mod:`archer.eval.stats`, with a 95 % bootstrap interval over
-problems under ``"ci95"``. ``results.json`` holds fractions; ``results.md`` shows percentages,
-as the paper's tables do.
+``CodeReward(mode="fraction")`` only a full pass counts). A response the reward failed to grade
+(it raised, returned no number, or timed out) scores 0; :func:`archer.eval.evaluate` adds each
+data set's counts (``reward_errors``, ``reward_timeouts``; ``extract_errors``: responses whose
+answer extraction raised and so cast no maj@k vote) and, where maj@k is not defined (no extracted
+answers: code), ``maj@k_omitted`` with the reason; ``results.md`` states both. Every figure is a
+mean over problems of the per-problem values of :mod:`archer.eval.stats`, with a 95 % bootstrap
+interval over problems under ``"ci95"``. ``results.json`` holds fractions; ``results.md`` shows
+percentages, as the paper's tables do.
 """
 
 from __future__ import annotations
@@ -112,7 +116,23 @@ def format_markdown(results: dict[str, dict[str, Any]], model: str) -> str:
     lines.append("")
     lines.append("Problems per benchmark: " + ", ".join(f"{name} {results[name]['num_problems']}" for name in names)
                  + ". Percentages; intervals are 95 % bootstrap intervals over problems.")
+    graded = [name for name in names if "reward_errors" in results[name]]
+    if graded:  # responses the reward could not grade count as wrong: say how many there were
+        counts = ", ".join(f"{name} {_count(results[name]['reward_errors'])} errors / "
+                           f"{_count(results[name].get('reward_timeouts'))} timeouts" for name in graded)
+        lines.append(f"Responses the reward failed to grade (scored 0): {counts}.")
+    extract = [name for name in names if results[name].get("extract_errors")]
+    if extract:
+        counts = ", ".join(f"{name} {results[name]['extract_errors']}" for name in extract)
+        lines.append(f"Responses whose answer extraction failed (no maj@k vote): {counts}.")
+    omitted = [f"{name} ({results[name]['maj@k_omitted']})" for name in names if "maj@k_omitted" in results[name]]
+    if omitted:
+        lines.append("maj@k not reported for: " + "; ".join(omitted) + ".")
     return "\n".join(lines) + "\n"
+
+
+def _count(value: int | None) -> str:
+    return "unknown" if value is None else str(value)
 
 
 def write_results(out_dir: str | Path, results: dict[str, dict[str, Any]], model: str) -> tuple[Path, Path]:

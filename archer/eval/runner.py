@@ -8,10 +8,16 @@ The run, per data set:
    given; a reward with ``check_data_sources`` — ``RoutedReward`` — must know every source) and
    the sampling (the paper's per domain unless overridden);
 2. walk the problems in chunks of ``chunk_size``: each chunk is sampled in one call with a seed
-   derived from (seed, data set name, chunk index), graded in the reward worker processes, and
-   its records appended to ``samples.jsonl``;
+   hashed from (seed, data set name, chunk index), graded in the reward worker processes, its
+   reward errors and timeouts (responses scored 0) counted in ``reward_errors.json`` and its
+   records appended to ``samples.jsonl``;
 3. compute every figure from the records read back from ``samples.jsonl``
-   (:func:`archer.eval.results.dataset_results`) and write ``results.json`` / ``results.md``.
+   (:func:`archer.eval.results.dataset_results`) and write ``results.json`` / ``results.md``, with
+   each data set's ``reward_errors`` / ``reward_timeouts``; maj@k only where the reward extracts
+   answers (math), elsewhere ``maj@k_omitted`` says why.
+
+The model is a Hugging Face folder, a Lightning checkpoint file, or the folder an FSDP2
+(``ModelParallelStrategy``) run saves; a checkpoint is exported to ``OUT/model`` first.
 
 Resume: ``OUT/eval_config.json`` holds what determines the samples (model, files, n, sampling,
 seed, chunking, prompts, reward); a rerun with the same settings keeps the complete chunks of
@@ -24,8 +30,10 @@ allowed: it needs no new samples.
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import sys
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,33 +44,59 @@ from archer.eval.config import PAPER_SAMPLING, EvalConfig
 from archer.eval.engines import Sampler, build_sampler, resolve_engine
 from archer.eval.records import SampleRecord, append_records, load_records, rewrite_records
 from archer.eval.results import dataset_results, write_results
+from archer.export import export_checkpoint, is_distributed_checkpoint
 from archer.rewards import CodeReward, MathReward, Reward, RewardRunner
 from archer.rollout import SamplingConfig
+from archer.seeding import derive_seed
 
-__all__ = ["evaluate", "prepare_model", "chunk_seed"]
+__all__ = ["evaluate", "prepare_model", "chunk_seed", "model_label"]
 
 SAMPLES_FILE = "samples.jsonl"
 CONFIG_FILE = "eval_config.json"
+REWARD_ERRORS_FILE = "reward_errors.json"
+"""Per data set and chunk: reward errors and timeouts (their responses scored 0), first messages."""
 
 
 def chunk_seed(seed: int, dataset: str, chunk: int) -> int:
-    """The sampling seed of ``chunk`` of ``dataset`` (independent of the other data sets and chunks)."""
-    return (seed * 1_000_003 + zlib.crc32(dataset.encode()) + 7919 * chunk) % 2**31
+    """The sampling seed of ``chunk`` of ``dataset``: a hash of (purpose, seed, data set, chunk)
+    (:func:`archer.seeding.derive_seed`), so no two chunks, data sets or base seeds share a stream
+    (sums of multiples collide), and a resumed eval gives a chunk the seed it had before."""
+    return derive_seed("eval-chunk", seed, dataset, chunk)
 
 
 def prepare_model(model: str, out_dir: Path) -> Path:
-    """The HF folder to sample from: ``model`` itself, or a ``.ckpt`` exported to ``OUT/model``."""
+    """The HF folder to sample from: ``model`` itself, or a Lightning checkpoint — a ``.ckpt`` file, or
+    the folder FSDP2 (``ModelParallelStrategy``) saves by default — exported to ``OUT/model``."""
     path = Path(model)
-    if path.is_file():
-        from archer.export import export_checkpoint
-
-        target = out_dir / "model"
-        if not (target / "config.json").is_file():
-            export_checkpoint(path, target)
+    target = out_dir / "model"
+    if path.is_file() or is_distributed_checkpoint(path):
+        if (target / "config.json").is_file():  # exported by an earlier run of this eval
+            return target
+        # Exported under a temporary name, renamed when complete: a kill midway must not leave an
+        # OUT/model with a config.json and missing weights that the next run would take as done.
+        partial = out_dir / "model.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        export_checkpoint(path, partial)  # a file, or a sharded folder (only its actor's tensors are read)
+        shutil.rmtree(target, ignore_errors=True)  # a torn export of an older version of this code
+        os.replace(partial, target)
         return target
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{model}: neither a Hugging Face model folder (config.json) nor a checkpoint file")
+        raise FileNotFoundError(
+            f"{model}: neither a Hugging Face model folder (config.json), nor a Lightning checkpoint file (.ckpt), "
+            "nor a sharded (FSDP2) checkpoint folder (.metadata)"
+        )
     return path
+
+
+def model_label(model: str) -> str:
+    """A short name for ``model`` in ``results.md``: the folder's name, and for a checkpoint its parent's
+    parent too (``archer_math_1.5b/last.ckpt``: every run's checkpoint is ``checkpoints/last.ckpt``)."""
+    path = Path(model).resolve()
+    name = path.name or str(path)  # "/" has no name
+    checkpoint = path.suffix == ".ckpt" or path.is_file() or is_distributed_checkpoint(path)
+    if checkpoint and path.parent.parent.name:
+        name = f"{path.parent.parent.name}/{name}"
+    return name or "model"
 
 
 @dataclass
@@ -76,16 +110,38 @@ class _Dataset:
     sampling: SamplingConfig
 
 
-def _describe(value: Any) -> Any:
-    """A JSON-able description of a reward's settings (class and attributes, recursively)."""
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _describe(value: Any, _path: tuple[int, ...] = ()) -> Any:
+    """A JSON-able description of a reward's settings (class and attributes, recursively).
+
+    It is compared on resume, so it must not depend on the process: objects without a ``__dict__``
+    (slots, ``re.Pattern``, ``Path``, C types) are described by their class and their ``repr``
+    without memory addresses, and a reference cycle ends in the class name instead of recursing."""
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
+    if id(value) in _path:
+        cls = type(value)
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "cycle": True}
+    inner = (*_path, id(value))
     if isinstance(value, (list, tuple)):
-        return [_describe(v) for v in value]
+        return [_describe(v, inner) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((_describe(v, inner) for v in value), key=repr)
     if isinstance(value, dict):
-        return {str(k): _describe(v) for k, v in value.items()}
+        return {str(k): _describe(v, inner) for k, v in value.items()}
     cls = type(value)
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": _describe(vars(value))}
+    class_path = f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', cls.__name__)}"
+    try:
+        attributes = vars(value)
+    except TypeError:  # no __dict__
+        try:
+            shown = _ADDRESS.sub("", repr(value))
+        except Exception:  # noqa: BLE001 - a broken __repr__ must not stop the eval
+            shown = None
+        return {"class_path": class_path, "repr": shown}
+    return {"class_path": class_path, "init_args": _describe(attributes, inner)}
 
 
 def _domain(name: str, rows: list[dict], config: EvalConfig) -> str:
@@ -137,6 +193,7 @@ def _settings(config: EvalConfig, engine: str, datasets: list[_Dataset]) -> dict
         "model": str(Path(config.model).resolve()),
         "engine": engine,
         "seed": config.seed,
+        "chunk_seeds": "derive_seed",  # how chunk seeds derive from `seed` (older evals used a sum)
         "chunk_size": config.chunk_size,
         "dtype": config.dtype,
         "hf_batch_size": config.hf_batch_size if engine == "hf" else None,
@@ -177,9 +234,22 @@ def _complete_chunks(records: list[SampleRecord], datasets: list[_Dataset], conf
     return done
 
 
+def _load_reward_errors(out_dir: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    path = out_dir / REWARD_ERRORS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _save_reward_errors(out_dir: Path, errors: dict[str, dict[str, dict[str, Any]]]) -> None:
+    path = out_dir / REWARD_ERRORS_FILE
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(errors, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    temporary.replace(path)
+
+
 def _sample_chunk(
     d: _Dataset, chunk: int, config: EvalConfig, sampler: Sampler, runner: RewardRunner, tokenizer: Any
-) -> list[SampleRecord]:
+) -> tuple[list[SampleRecord], dict[str, Any]]:
+    """The chunk's records, and what went wrong grading it (errors, timeouts, first messages)."""
     start = chunk * config.chunk_size
     problems = range(start, min(start + config.chunk_size, len(d.rows)))
     sampling = SamplingConfig(**{**vars(d.sampling), "seed": chunk_seed(config.seed, d.name, chunk)})
@@ -188,20 +258,60 @@ def _sample_chunk(
     rows = [d.rows[i] for i in problems for _ in range(config.n)]
     texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
     graded = runner.score(texts, rows)
-    if graded.num_errors or graded.num_timeouts:
-        print(f"[archer eval] {d.name} chunk {chunk}: {graded.num_errors} reward errors, {graded.num_timeouts} "
-              f"timeouts (scored 0); first: {graded.errors[:1]}", file=sys.stderr)
+    messages = list(graded.errors)
     extract = getattr(d.reward, "extract_answer", None) if d.domain == "math" else None
-    return [
+    answers: list[str | None] = []
+    extract_errors = 0
+    for text, row in zip(texts, rows):
+        try:
+            answers.append(None if extract is None else extract(text, row))
+        except Exception as error:  # noqa: BLE001 - a reward bug is reported, it does not end the eval
+            answers.append(None)  # the response casts no vote
+            extract_errors += 1
+            if len(messages) < RewardRunner.MAX_KEPT_ERRORS:
+                messages.append(f"extract_answer: {type(error).__name__}: {error}")
+    report = {"errors": graded.num_errors, "timeouts": graded.num_timeouts, "extract_errors": extract_errors,
+              "first_errors": messages}
+    if graded.num_errors or graded.num_timeouts or extract_errors:
+        print(f"[archer eval] {d.name} chunk {chunk}: {graded.num_errors} reward errors, {graded.num_timeouts} "
+              f"timeouts (scored 0), {extract_errors} extract_answer errors (no vote), counted in results.json; "
+              f"first: {messages[:1]}", file=sys.stderr)
+    records = [
         SampleRecord(
-            dataset=d.name, problem=problem, sample=j, response=text,
-            answer=None if extract is None else extract(text, row), score=float(score),
+            dataset=d.name, problem=problem, sample=j, response=text, answer=answer, score=float(score),
             length=len(completion.token_ids), truncated=completion.finish_reason == "length",
         )
-        for (problem, j), text, row, score, completion in zip(
-            ((p, j) for p in problems for j in range(config.n)), texts, rows, graded.scores, completions
+        for (problem, j), text, answer, score, completion in zip(
+            ((p, j) for p in problems for j in range(config.n)), texts, answers, graded.scores, completions
         )
     ]
+    return records, report
+
+
+def _grading_summary(d: _Dataset, errors: dict[str, dict[str, Any]], num_chunks: int) -> dict[str, Any]:
+    """``reward_errors`` / ``reward_timeouts`` (responses scored 0) of a data set, ``extract_errors``
+    (responses whose answer extraction raised: no maj@k vote) where it votes, None where a chunk's
+    count is missing (``reward_errors.json`` removed); and why maj@k is missing where it is."""
+    known = [errors.get(str(chunk)) for chunk in range(num_chunks)]
+
+    def total(key: str) -> int | None:
+        return None if None in known else sum(c[key] for c in known)
+
+    summary: dict[str, Any] = {"reward_errors": total("errors"), "reward_timeouts": total("timeouts")}
+    if _has_majority(d):
+        summary["extract_errors"] = total("extract_errors")
+    else:
+        summary["maj@k_omitted"] = (
+            "code data set: responses have no answer to vote on" if d.domain == "code"
+            else f"{type(d.reward).__name__} extracts no answers (no extract_answer)"
+        )
+    return summary
+
+
+def _has_majority(d: _Dataset) -> bool:
+    """maj@k is defined where the reward extracts answers to vote on: math data sets whose reward has
+    ``extract_answer``. Elsewhere it is left out (and the results say so) rather than reported as 0."""
+    return d.domain == "math" and hasattr(d.reward, "extract_answer")
 
 
 def evaluate(config: EvalConfig) -> dict[str, dict[str, Any]]:
@@ -209,9 +319,14 @@ def evaluate(config: EvalConfig) -> dict[str, dict[str, Any]]:
     ``results.md`` under ``config.out`` and return the results."""
     from transformers import AutoTokenizer
 
+    if not config.k:
+        raise ValueError("k is empty: give at least one k for pass@k / maj@k (e.g. --k 1 or k: [1])")
+    if config.n < 1:
+        raise ValueError(f"n must be >= 1, got {config.n}")
     for k in config.k:
         if not 1 <= k <= config.n:
-            raise ValueError(f"every k must lie in [1, n={config.n}], got k={k}")
+            raise ValueError(f"every k must lie in [1, n={config.n}] (pass@k and maj@k draw k of the n samples), "
+                             f"got k={k}")
     if config.chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {config.chunk_size}")
     out_dir = Path(config.out)
@@ -236,9 +351,15 @@ def evaluate(config: EvalConfig) -> dict[str, dict[str, Any]]:
                                               num_workers=config.reward_workers) for d in datasets}
         sampler = build_sampler(engine, model_dir, tokenizer, dtype=config.dtype, hf_batch_size=config.hf_batch_size,
                                 vllm_kwargs=config.vllm, data_parallel_size=config.data_parallel_size)
+        reward_errors = _load_reward_errors(out_dir)
         try:
             for d, chunk in todo:
-                append_records(samples_path, _sample_chunk(d, chunk, config, sampler, runners[id(d.reward)], tokenizer))
+                chunk_records, report = _sample_chunk(d, chunk, config, sampler, runners[id(d.reward)], tokenizer)
+                # Counted before the records are appended: a chunk on disk always has its count (a kill
+                # in between leaves an incomplete chunk, redone, and its count rewritten).
+                reward_errors.setdefault(d.name, {})[str(chunk)] = report
+                _save_reward_errors(out_dir, reward_errors)
+                append_records(samples_path, chunk_records)
                 print(f"[archer eval] {d.name}: chunk {chunk + 1}/{-(-len(d.rows) // config.chunk_size)} done",
                       file=sys.stderr)
         finally:
@@ -247,13 +368,14 @@ def evaluate(config: EvalConfig) -> dict[str, dict[str, Any]]:
                 runner.close()
 
     records = load_records(samples_path)
+    reward_errors = _load_reward_errors(out_dir)
     results = {}
     for d in datasets:
         figures = dataset_results([r for r in records if r.dataset == d.name], config.n, sorted(set(config.k)),
-                                  majority=d.domain == "math" and hasattr(d.reward, "extract_answer"),
-                                  num_resamples=config.num_bootstrap, seed=config.seed)
-        results[d.name] = {**figures, "domain": d.domain, "file": d.file,
+                                  majority=_has_majority(d), num_resamples=config.num_bootstrap, seed=config.seed)
+        grading = _grading_summary(d, reward_errors.get(d.name, {}), -(-len(d.rows) // config.chunk_size))
+        results[d.name] = {**figures, **grading, "domain": d.domain, "file": d.file,
                            "sampling": {"temperature": d.sampling.temperature, "top_p": d.sampling.top_p,
                                         "top_k": d.sampling.top_k, "max_new_tokens": d.sampling.max_new_tokens}}
-    write_results(out_dir, results, Path(config.model).name)
+    write_results(out_dir, results, model_label(config.model))
     return results

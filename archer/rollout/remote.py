@@ -33,7 +33,8 @@ as its stalest token. Transports:
   with the version), driven by vLLM's ``NCCLTrainerWeightTransferEngine`` with one NCCL group
   spanning this process and every server's workers. Not tested here (no GPU).
 
-Failures. Every server is resumed in a ``finally``, whatever failed. Tensors whose name or shape
+Failures. Every server is resumed in a ``finally``, whatever failed, before the rest of a failed
+sync's tensors is drained (the FSDP gathers of the other ranks). Tensors whose name or shape
 differ from the actor's at ``setup`` are refused before any server reads them: vLLM's in-place
 reload moves each layer to the meta device until its tensors arrive, and a tensor it cannot load
 leaves layers it cannot recover. A server whose reload fails anyway (a folder it cannot read, a
@@ -60,6 +61,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -80,9 +82,9 @@ import torch
 from torch import nn
 
 from archer.rollout.base import Completion, SamplingConfig
-from archer.rollout.server import VLLMServerProcess
+from archer.rollout.server import OPENER, VLLMServerProcess, pid_alive
 
-__all__ = ["RemoteServerError", "RemoteServerTimeout", "RemoteVLLMEngine", "WeightSyncError"]
+__all__ = ["RemoteServerError", "RemoteServerTimeout", "RemoteVLLMEngine", "WeightSyncError", "sweep_stale_weight_dirs"]
 
 logger = logging.getLogger(__name__)
 
@@ -150,19 +152,16 @@ class _Server:
     """Checksums of its checkpoint weights (launched servers with ``verify: true``)."""
 
 
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-"""Direct connections: an ``http_proxy`` left in the environment must not reroute server calls."""
-
-
 def _http(url: str, method: str, path: str, body: Any = None, timeout: float = 60.0) -> Any:
     """One HTTP call to a server; JSON in and out. Every failure becomes a :class:`RemoteServerError`
-    naming the server (``RemoteServerTimeout`` when no answer came within ``timeout`` seconds)."""
+    naming the server (``RemoteServerTimeout`` when no answer came within ``timeout`` seconds).
+    Never retried here: a call that timed out may still take effect on the server."""
     data = None if body is None else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"} if data is not None else {}
     request = urllib.request.Request(url + path, data=data, method=method, headers=headers)
     what = f"{method} {path.split('?')[0]}"
     try:
-        with _OPENER.open(request, timeout=timeout) as response:
+        with OPENER.open(request, timeout=timeout) as response:  # direct: no env proxy
             raw = response.read()
     except urllib.error.HTTPError as err:
         detail = err.read().decode(errors="replace")
@@ -184,6 +183,43 @@ def _http(url: str, method: str, path: str, body: Any = None, timeout: float = 6
         return json.loads(raw)
     except ValueError as err:
         raise RemoteServerError(url, f"{what} returned non-JSON: {raw[:200]!r}") from err
+
+
+_RUN_DIR_PREFIX = "archer-weights-"
+_RUN_DIR_NAME = re.compile(r"^archer-weights-(?P<host>[A-Za-z0-9.]+)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def _host_tag() -> str:
+    """This machine's name as it appears in weight folder names (only letters, digits and dots)."""
+    return re.sub(r"[^A-Za-z0-9.]", ".", socket.gethostname()) or "localhost"
+
+
+def sweep_stale_weight_dirs(root: Path) -> list[Path]:
+    """Delete the weight folders under ``root`` that a dead engine process of this machine left behind.
+
+    ``close`` (or garbage collection, or a normal exit) removes an engine's folder, but a trainer
+    killed with SIGKILL or by the OOM killer cannot: in ``/dev/shm`` each such folder keeps one or
+    two copies of the model in memory until reboot. A folder is stale when its name carries this
+    machine's name and the pid of a process that no longer exists (``weights_dir`` may be a shared
+    filesystem: folders of other machines are never touched, nor those of a live process here). A
+    recycled pid only keeps a stale folder longer. Containers that share ``/dev/shm`` and a host
+    name but not a pid namespace cannot see each other's pids: give them different ``weights_dir``.
+    Returns the folders deleted."""
+    removed = []
+    host = _host_tag()
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        match = _RUN_DIR_NAME.match(path.name)
+        if match is None or match["host"] != host or int(match["pid"]) == os.getpid() or pid_alive(int(match["pid"])):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            removed.append(path)
+            logger.info("removed %s, the weights folder of a dead process (pid %s)", path, match["pid"])
+    return removed
 
 
 def _each(servers: Sequence[_Server], call: Callable[[_Server], Any]) -> dict[str, BaseException | None]:
@@ -303,7 +339,8 @@ class RemoteVLLMEngine:
         weights_dir: Where the ``files`` transport writes weights (a fresh sub-folder per engine,
             removed in ``close``). Every server must be able to read it: ``/dev/shm`` (the
             default, memory-backed) for servers on this machine, a shared filesystem for others.
-            It holds one to two copies of the model.
+            It holds one to two copies of the model. Folders left there by engines of this machine
+            whose process died (SIGKILL, OOM) are deleted at ``setup`` (:func:`sweep_stale_weight_dirs`).
         transport: ``files``, ``nccl`` (GPU servers and trainer; untested here), or ``auto``
             (``nccl`` when CUDA is available, else ``files``).
         verify: After each transfer, compare every server's ``/weight_checker`` checksums with
@@ -543,7 +580,8 @@ class RemoteVLLMEngine:
         root = self.weights_dir
         if root is None:
             root = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
-        path = Path(root) / f"archer-weights-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        sweep_stale_weight_dirs(Path(root))
+        path = Path(root) / f"{_RUN_DIR_PREFIX}{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         path.mkdir(parents=True, exist_ok=False)
         return path
 
@@ -694,7 +732,8 @@ class RemoteVLLMEngine:
         return response["checksums"]
 
     def _sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        """pause → transfer → verify → label → reset prefix cache → resume (always), on every server."""
+        """pause → transfer → verify → label → reset prefix cache → resume (always), on every server.
+        The caller holds ``_sync_lock`` (syncs, their rollbacks and ``_rolled_back`` never interleave)."""
         start = time.perf_counter()
         failures: dict[str, str] = {}
         paused: list[_Server] = []
@@ -717,14 +756,19 @@ class RemoteVLLMEngine:
                 for server in paused:
                     failures.setdefault(server.url, f"not updated, still at version {server.label}: the sync failed on the trainer side ({type(err).__name__}: {err})")
         finally:
-            pairs.drain()  # sharded parameters are gathered collectively: every rank iterates to the end
-            # Every server, not only those whose pause answered: a pause that timed out here may
-            # still take effect on the server later.
-            for url, error in _each(self.servers, lambda s: self._call(s, "POST", "/resume")).items():
-                if error is not None:
-                    failures[url] = failures.get(url, "updated") + f"; COULD NOT RESUME: {error}"
-            self._drop_unused_weight_dirs()
-            self.last_sync_seconds = time.perf_counter() - start
+            try:
+                # Resume first, then drain: draining a failed sync's iterator runs the remaining FSDP
+                # gathers, which wait on the other ranks (for as long as they take, or forever if one
+                # died); the servers must not stay paused meanwhile, with every generate request of
+                # this rank's other threads frozen on them. Every server, not only those whose pause
+                # answered: a pause that timed out here may still take effect on the server later.
+                for url, error in _each(self.servers, lambda s: self._call(s, "POST", "/resume")).items():
+                    if error is not None:
+                        failures[url] = failures.get(url, "updated") + f"; COULD NOT RESUME: {error}"
+                self._drop_unused_weight_dirs()
+                self.last_sync_seconds = time.perf_counter() - start
+            finally:
+                pairs.drain()  # sharded parameters are gathered collectively: every rank iterates to the end
         for url, error in _each(self._rolled_back, self._probe).items():
             if error is not None:
                 failures[url] += f"; BUT IT DOES NOT SERVE after the rollback, restart it: {error}"
@@ -792,8 +836,13 @@ class RemoteVLLMEngine:
         checkpoint the server was started from, labelled version -1."""
         attempts = [(server.weights_path, server.label, server.checksums)] if server.weights_path else []
         attempts.append((server.checkpoint, -1, server.checkpoint_checksums))
+        assert self._sync_lock.locked(), "rollbacks run inside a sync, under _sync_lock: two must never interleave"
         reasons = []
         for path, label, expected in attempts:
+            # The one retry loop of the engine. Safe after a timeout too: reloading one folder and
+            # setting one label are idempotent (a reload still running server-side only runs again).
+            # Routes that are not idempotent (pause, resume, generate, the NCCL update steps) are
+            # never retried: a timed-out call may still take effect on the server.
             for _ in range(3):
                 try:
                     self._reload(server, path)

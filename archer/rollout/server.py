@@ -36,9 +36,15 @@ import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["ServerStartupError", "VLLMServerProcess", "free_port", "process_group_alive"]
+__all__ = ["ServerStartupError", "VLLMServerProcess", "free_port", "pid_alive", "process_group_alive", "OPENER"]
 
 _LIVE: weakref.WeakSet[VLLMServerProcess] = weakref.WeakSet()
+
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+"""Every HTTP call to a vLLM server goes through this opener (here and in :mod:`archer.rollout.remote`):
+direct connections, because an ``http_proxy`` left in the environment (clusters set one for pip)
+would otherwise reroute calls to ``127.0.0.1`` or a cluster-internal host through the proxy, which
+cannot reach them (or reaches another machine's port)."""
 
 
 class ServerStartupError(RuntimeError):
@@ -50,6 +56,20 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (a zombie counts; a pid in another user's
+    process counts too: ``kill(pid, 0)`` then fails with EPERM, not ESRCH)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def process_group_alive(pgid: int) -> bool:
@@ -165,7 +185,7 @@ class VLLMServerProcess:
                     f"log {self.log_path}:\n{self.log_tail()}"
                 )
             try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as response:
+                with OPENER.open(f"{self.url}/health", timeout=5) as response:
                     if response.status == 200:
                         return
                     last_error = f"HTTP {response.status}"

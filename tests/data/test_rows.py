@@ -70,3 +70,21 @@ def test_unknown_suffix_and_missing_file(tmp_path):
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(ValueError, match="unsupported file type"):
         read_rows(tmp_path / "x.csv")
+
+
+@pytest.mark.parametrize("payload", [
+    b"\x80\x04}]Ns.",  # a dict keyed by a list: the unpickler raises TypeError (unhashable)
+    b"\x80\x04h\x05.",  # a memo lookup of a missing entry
+])
+def test_corrupt_compressed_tests_name_file_line_and_field(tmp_path, payload):
+    # Whatever the restricted unpickler raises on bad bytes becomes the row's error, not a traceback.
+    import base64
+    import zlib
+
+    row = {"question_content": "Sum two ints.", "private_test_cases": base64.b64encode(zlib.compress(payload)).decode()}
+    path = write_lines(tmp_path / "lcb.jsonl", [json.dumps(row)])
+    fields = RowFields(prompt="question_content", tests="private_test_cases")
+    with pytest.raises(BadRowError) as info:
+        read_rows(path, fields)
+    assert (info.value.file, info.value.line, info.value.field) == (str(path), 1, "private_test_cases")
+    assert read_rows(path, fields, skip_bad_rows=True).num_skipped == 1

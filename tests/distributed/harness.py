@@ -144,13 +144,9 @@ def train_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 def actor_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The actor's weights of a checkpoint: one file, or an FSDP2 (torch.distributed.checkpoint) folder."""
-    if checkpoint.is_dir():
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from archer.export import load_checkpoint
 
-        consolidated = checkpoint.parent / f"{checkpoint.name}.consolidated.pt"
-        dcp_to_torch_save(checkpoint, consolidated)
-        checkpoint = consolidated
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = load_checkpoint(checkpoint)
     return {k: v for k, v in state["state_dict"].items() if k.startswith("actor.")}
 
 

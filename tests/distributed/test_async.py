@@ -42,27 +42,14 @@ def _args(model_dir, override, *extra):
     return ["fit", "--config", ASYNC, "--config", override, f"--model.model_path={model_dir}", *extra]
 
 
-def test_async_rollouts_stay_within_the_staleness_bound(tiny_model_dir, tmp_path):
-    """Batch k + 1 is generated while step k trains: from step 1 on, every sample is exactly one
-    weight version old (max_staleness 1), none is dropped, each step trains on the next batch of the
-    stream, the weights reach the server after every step, and the run's statistics are finite."""
-    assert_ok(run_subprocess(tmp_path, _args(tiny_model_dir, _override(tmp_path), "--trainer.max_steps=4"), timeout=600))
-    train = train_rows(metrics(tmp_path, run=RUN))
-    assert train["rollout/batch_index"].tolist() == [0, 1, 2, 3]
-    assert train["rollout/staleness_max"].tolist() == [0, 1, 1, 1]
-    assert train["rollout/staleness_mean"].tolist() == [0, 1, 1, 1]
-    assert (train["rollout/stale_dropped"] == 0).all()
-    assert (train["time/weight_sync_s"] > 0).all()
-    # One step stale: the engine's μ and the trainer's π_old differ, and the correction sees it.
-    assert (train["rollout/mismatch_kl"][1:] > 0).all() and train["rollout/is_weight_mean"].map(math.isfinite).all()
-    for column in ("train/pg_loss", "train/grad_norm", "time/trainer_idle_s", "time/producer_idle_s"):
-        assert train[column].map(math.isfinite).all(), column
-
-
-def test_a_killed_async_run_resumes_without_losing_a_prompt(tiny_model_dir, tmp_path):
+def test_a_killed_async_run_resumes_within_the_staleness_bound_without_losing_a_prompt(tiny_model_dir, tmp_path):
     """SIGKILL after step 3 (checkpoint at step 2; the producer had batch 3 and maybe 4 in flight):
     the server dies with the run, and the resumed run trains on batches 2, 3, 4 — the stream position
-    of the checkpoint — with a fresh server and producer."""
+    of the checkpoint — with a fresh server and producer.
+
+    The resumed run's batch k + 1 is generated while step k trains: its first step is on-policy,
+    from then on every sample is exactly one weight version old (max_staleness 1), none is dropped,
+    the weights reach the server after every step, and the statistics are finite."""
     kill = {"class_path": "scale_probe.SigkillAfterStep", "init_args": {"step": 3}}
     result = run_subprocess(tmp_path, _args(tiny_model_dir, _override(tmp_path, kill), "--trainer.max_steps=5"), timeout=600)
     assert result[0] == -signal.SIGKILL, f"not killed: {result[0]}\n{result[1]}"  # (and no process outlived it)
@@ -70,6 +57,13 @@ def test_a_killed_async_run_resumes_without_losing_a_prompt(tiny_model_dir, tmp_
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 2
     assert_ok(run_subprocess(tmp_path, _args(tiny_model_dir, _override(tmp_path), "--trainer.max_steps=5",
                                              "--ckpt_path=last"), timeout=600))
-    resumed = train_rows(metrics(tmp_path, run=RUN))
-    assert resumed["rollout/batch_index"].tolist() == [2, 3, 4]
-    assert resumed["rollout/staleness_max"].tolist() == [0, 1, 1]  # the new producer starts on-policy
+    train = train_rows(metrics(tmp_path, run=RUN))
+    assert train["rollout/batch_index"].tolist() == [2, 3, 4]
+    assert train["rollout/staleness_max"].tolist() == [0, 1, 1]  # the new producer starts on-policy
+    assert train["rollout/staleness_mean"].tolist() == [0, 1, 1]
+    assert (train["rollout/stale_dropped"] == 0).all()
+    assert (train["time/weight_sync_s"] > 0).all()
+    # One step stale: the engine's μ and the trainer's π_old differ, and the correction sees it.
+    assert (train["rollout/mismatch_kl"][1:] > 0).all() and train["rollout/is_weight_mean"].map(math.isfinite).all()
+    for column in ("train/pg_loss", "train/grad_norm", "time/trainer_idle_s", "time/producer_idle_s"):
+        assert train[column].map(math.isfinite).all(), column

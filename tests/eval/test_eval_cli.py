@@ -99,6 +99,8 @@ def test_resume_after_a_torn_write_samples_only_what_is_missing(full_run, tiny_m
     out = tmp_path / "resumed"
     out.mkdir()
     (out / "eval_config.json").write_text((full_run / "eval_config.json").read_text())
+    # the counts a killed run leaves (written before each chunk's records)
+    (out / "reward_errors.json").write_text((full_run / "reward_errors.json").read_text())
     # the first math chunk (2 problems x 4 samples) complete, then 3 lines and a torn one of chunk 2
     lines = (full_run / "samples.jsonl").read_text().splitlines(keepends=True)
     (out / "samples.jsonl").write_text("".join(lines[:11]) + lines[11][:25])

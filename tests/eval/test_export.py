@@ -1,4 +1,5 @@
-"""export_checkpoint on a checkpoint written by a real ``Trainer.fit`` (Lightning's own format)."""
+"""export_checkpoint on a checkpoint written by a real ``Trainer.fit`` (Lightning's own format): the
+single file, and the sharded folder ``ModelParallelStrategy`` (FSDP2) saves by default."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from archer.cli import main
 from archer.export import export_checkpoint
 from archer.tiny import write_tiny_model
 
@@ -76,3 +78,39 @@ def test_missing_model_folder_is_a_clear_error(tmp_path: Path) -> None:
     shutil.rmtree(tmp_path / "tiny")
     with pytest.raises(FileNotFoundError, match=r"model_path = .*tiny has no config.json"):
         export_checkpoint(ckpt, tmp_path / "export")
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_archer_export_reads_a_sharded_checkpoint_folder(tmp_path: Path, tie: bool, save_like_model_parallel,
+                                                         capsys) -> None:
+    ckpt_file, module, initial = train_and_checkpoint(tmp_path, tie)
+    # The trained run's checkpoint as FSDP2 saves it: a folder of torch.distributed.checkpoint shards
+    # (module state, optimizer state) and meta.pt (hyper_parameters, loop state).
+    checkpoint = torch.load(ckpt_file, map_location="cpu", weights_only=False)
+    meta = {key: value for key, value in checkpoint.items() if key not in ("state_dict", "optimizer_states")}
+    folder = tmp_path / "runs" / "x" / "checkpoints" / "last.ckpt"
+    save_like_model_parallel(module.state_dict(), meta, folder)
+    assert folder.is_dir() and (folder / ".metadata").is_file() and (folder / "meta.pt").is_file()
+
+    main(["export", str(folder), str(tmp_path / "export")])
+    out = tmp_path / "export"
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    trained = module.actor.state_dict()
+    assert exported.state_dict().keys() == trained.keys()
+    for name, value in exported.state_dict().items():
+        assert value.dtype == trained[name].dtype, name
+        torch.testing.assert_close(value, trained[name], rtol=0, atol=0, msg=name)
+    assert not torch.equal(trained["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])
+    assert (exported.lm_head.weight is exported.model.embed_tokens.weight) == tie
+    assert [p.name for p in folder.parent.iterdir()] == ["last.ckpt"]  # nothing consolidated left beside it
+
+
+def test_a_folder_that_is_no_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"neither a file nor a sharded \(FSDP2\) checkpoint folder \(no"):
+        export_checkpoint(tmp_path / "empty", tmp_path / "export")
+    with pytest.raises(FileNotFoundError, match="it does not exist"):
+        export_checkpoint(tmp_path / "missing", tmp_path / "export")

@@ -37,10 +37,11 @@ def test_math_grades_after_the_marker_when_present():
 
 
 def test_code_and_exact_match_grade_after_the_marker():
-    assert CodeReward(timeout_s=5.0)("<think>draft</think>" + ADD, ADD_ROW) == 1.0
+    code = CodeReward(timeout_s=5.0)
+    assert code("<think>draft</think>" + ADD, ADD_ROW) == 1.0
     # the program is only in the thinking: what follows the marker is not a program
-    assert CodeReward(timeout_s=5.0)("<think>" + ADD + "</think>done", ADD_ROW) == 0.0
-    assert CodeReward(timeout_s=5.0)(ADD, ADD_ROW) == 1.0  # no marker: the whole response
+    assert code("<think>" + ADD + "</think>done", ADD_ROW) == 0.0
+    assert code(ADD, ADD_ROW) == 1.0  # no marker: the whole response
     assert ExactMatchReward()("<think>x</think> 42\n", {"answer": "42"}) == 1.0
     assert ExactMatchReward(think_end=None)("<think>x</think> 42\n", {"answer": "42"}) == 0.0
 

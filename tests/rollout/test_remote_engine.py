@@ -23,7 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import pytest
 import torch
@@ -33,7 +32,7 @@ from transformers import AutoModelForCausalLM
 import archer.rollout.remote as remote
 from archer.rollout import HFEngine, SamplingConfig, named_full_tensors
 from archer.rollout.remote import RemoteServerError, RemoteServerTimeout, RemoteVLLMEngine, WeightSyncError
-from archer.rollout.server import free_port, process_group_alive
+from archer.rollout.server import OPENER, free_port, process_group_alive
 from archer.tiny import build_tokenizer
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -57,7 +56,7 @@ time.sleep(3600)
 
 
 def _get(url: str, path: str):
-    with urllib.request.urlopen(url + path, timeout=10) as response:
+    with OPENER.open(url + path, timeout=10) as response:
         return json.loads(response.read() or b"null")
 
 
@@ -120,7 +119,7 @@ def test_launch_starts_healthy_servers_with_weights_as_version_0(cluster):
     engine = cluster["untied"]
     assert len(engine.servers) == 2 and len({s.url for s in engine.servers}) == 2
     for server in engine.servers:
-        assert urllib.request.urlopen(server.url + "/health", timeout=10).status == 200
+        assert OPENER.open(server.url + "/health", timeout=10).status == 200
         assert process_group_alive(server.process.pgid)
         assert _get(server.url, "/weight_info") == {"weight_version": "0"}
         assert server.verified > 0  # setup pushed the actor's weights and checked them
@@ -219,7 +218,7 @@ def _generated_tokens(engine) -> float:
     """Output tokens sampled so far by all the engine's servers (their Prometheus counter)."""
     total = 0.0
     for server in engine.servers:
-        with urllib.request.urlopen(server.url + "/metrics", timeout=10) as response:
+        with OPENER.open(server.url + "/metrics", timeout=10) as response:
             text = response.read().decode()
         total += sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("vllm:generation_tokens_total"))
     return total
@@ -366,7 +365,7 @@ def test_close_stops_launched_servers_and_leaves_nothing(cluster):
     assert not run_dir.exists()
     for url in urls:
         with pytest.raises(OSError):
-            urllib.request.urlopen(url + "/health", timeout=5)
+            OPENER.open(url + "/health", timeout=5)
     with pytest.raises(RuntimeError, match="closed"):
         engine.generate(PROMPTS, GREEDY)
 
