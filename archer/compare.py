@@ -47,6 +47,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from archer.export import is_distributed_checkpoint
 from archer.report import PASS_AT_K_PATTERN, metric_series  # also selects matplotlib's headless backend
 
 import matplotlib.pyplot as plt  # noqa: E402  (after archer.report chose the backend)
@@ -221,7 +222,8 @@ def execute(run: Run, config: Path, overrides: dict[str, str]) -> dict:
     if same and record["status"] == "done":
         print(f"archer compare: {run.variant} seed {run.seed}: done before, skipped", flush=True)
         return record
-    resume = same and (run.dir / "checkpoints" / "last.ckpt").exists()  # a file, or a folder under FSDP2
+    last = run.dir / "checkpoints" / "last.ckpt"
+    resume = same and (last.is_file() or is_distributed_checkpoint(last))  # a folder under FSDP2
     if record is not None and not resume:
         shutil.rmtree(run.dir)  # its command or files changed (or it never saved a checkpoint): start afresh
     elif record is None and run.dir.exists() and any(run.dir.iterdir()):

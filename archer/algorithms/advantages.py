@@ -13,7 +13,8 @@ stored contiguously: group g is ``R[g*G : (g+1)*G]``. With mean_g and the unbias
 A group of one response, or a group whose rewards are all equal, gets A = 0 exactly (never NaN):
 it carries no relative signal. The result is ``[N]``; broadcast it over a response's tokens.
 
-REINFORCE++-baseline's batch is every response of the call, groups with A = 0 included (as verl,
+REINFORCE++-baseline's batch is every ``valid`` response of the call (those that dynamic sampling
+or the staleness bound dropped are not), groups with A = 0 included (as verl,
 which whitens over the batch's tokens instead: a token-weighted std, and it re-centres; the mean
 of group-centred rewards over responses is 0 already). Over data-parallel ranks, pass
 ``sum_over_ranks`` (e.g. ``Collectives().sum``): the std is then over the responses of all ranks,
