@@ -54,9 +54,10 @@ def test_quickstart_few_steps_logs_metrics_and_writes_loadable_checkpoint(tmp_pa
 @pytest.mark.slow
 def test_quickstart_learns(tmp_path, tiny_model_dir, monkeypatch):
     """The acceptance criterion of the quickstart: reward over the last 10% of steps is at least
-    0.3 above the first 10%."""
+    0.3 above the first 10%. The first 200 of its 300 steps (a constant LR after the warmup, so the
+    same run cut short): measured 0.020 → 0.610 (the whole run: 0.022 → 0.979, see the README)."""
     monkeypatch.chdir(tmp_path)
-    df = _run(tmp_path, tiny_model_dir, "--trainer.val_check_interval=1000")
+    df = _run(tmp_path, tiny_model_dir, "--trainer.max_steps=200", "--trainer.val_check_interval=1000")
     reward = df.dropna(subset=["train/reward_mean"])["train/reward_mean"].to_numpy()
     tenth = max(1, len(reward) // 10)
     first, last = reward[:tenth].mean(), reward[-tenth:].mean()

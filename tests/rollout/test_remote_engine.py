@@ -26,11 +26,11 @@ import time
 
 import pytest
 import torch
-from rollout_reference import actor_token_logprobs
+from rollout_reference import actor_token_logprobs, hf_greedy, max_logprob_gap
 from transformers import AutoModelForCausalLM
 
 import archer.rollout.remote as remote
-from archer.rollout import HFEngine, SamplingConfig, named_full_tensors
+from archer.rollout import SamplingConfig, named_full_tensors
 from archer.rollout.remote import RemoteServerError, RemoteServerTimeout, RemoteVLLMEngine, WeightSyncError
 from archer.rollout.server import OPENER, free_port, process_group_alive
 from archer.tiny import build_tokenizer
@@ -58,22 +58,6 @@ time.sleep(3600)
 def _get(url: str, path: str):
     with OPENER.open(url + path, timeout=10) as response:
         return json.loads(response.read() or b"null")
-
-
-def _max_logprob_gap(actor, prompts, out, temperature: float) -> float:
-    """max over prompts, samples and tokens of |engine log-prob − HF actor float64 log-prob|."""
-    gaps = []
-    for prompt, group in zip(prompts, out):
-        for c in group:
-            reference = actor_token_logprobs(actor, prompt, c.token_ids, temperature)
-            gaps.append((torch.tensor(c.logprobs, dtype=torch.float64) - reference).abs().max().item())
-    return max(gaps)
-
-
-def _hf_greedy(actor) -> list[list[int]]:
-    hf = HFEngine()
-    hf.setup(actor, build_tokenizer(), "")
-    return [g[0].token_ids for g in hf.generate(PROMPTS, GREEDY)]
 
 
 def _greedy(engine) -> list[list[int]]:
@@ -137,7 +121,7 @@ def test_generate_n_samples_with_logprobs_and_versions(cluster):
     assert [[c.token_ids for c in g] for g in out] == [[c.token_ids for c in g] for g in again]
     assert len({tuple(c.token_ids) for c in out[0]}) > 1
     # float32 on both sides: μ equals the HF actor's log_softmax(logits / T) at the sampled token.
-    assert _max_logprob_gap(actor, PROMPTS, out, temperature=0.8) < 1e-5
+    assert max_logprob_gap(actor, PROMPTS, out, temperature=0.8) < 1e-5
     for group in out:
         for c in group:
             assert c.weight_version == 0 and len(c.logprobs) == len(c.token_ids)
@@ -151,15 +135,15 @@ def test_generate_n_samples_with_logprobs_and_versions(cluster):
 def _check_sync(actor, engine, version_before: int) -> None:
     """Perturb the actor; the engine is stale until load_weights, then equals HF on the new weights."""
     _perturb(actor, seed=version_before)
-    hf_greedy = _hf_greedy(actor)
-    assert _greedy(engine) != hf_greedy
+    expected_greedy = hf_greedy(actor, PROMPTS, GREEDY)
+    assert _greedy(engine) != expected_greedy
     engine.load_weights(named_full_tensors(actor))
     assert engine.version == version_before + 1
     fresh = engine.generate(PROMPTS, GREEDY)
-    assert [g[0].token_ids for g in fresh] == hf_greedy
-    assert _max_logprob_gap(actor, PROMPTS, fresh, temperature=1.0) < 1e-5
+    assert [g[0].token_ids for g in fresh] == expected_greedy
+    assert max_logprob_gap(actor, PROMPTS, fresh, temperature=1.0) < 1e-5
     sampled = engine.generate(PROMPTS, SamplingConfig(n=2, temperature=1.0, max_new_tokens=12, seed=1))
-    assert _max_logprob_gap(actor, PROMPTS, sampled, temperature=1.0) < 1e-5
+    assert max_logprob_gap(actor, PROMPTS, sampled, temperature=1.0) < 1e-5
     assert {c.weight_version for g in fresh + sampled for c in g} == {version_before + 1}
     for server in engine.servers:
         assert _get(server.url, "/weight_info") == {"weight_version": str(version_before + 1)}
@@ -284,7 +268,7 @@ def test_unreadable_weights_roll_every_server_back_and_resume(cluster, monkeypat
     assert [g[0].token_ids for g in out] == before and {g[0].weight_version for g in out} == {version}
     assert [p.name for p in engine._run_dir.iterdir()] == [f"v{version:06d}"]
     engine.load_weights(named_full_tensors(actor))  # the next good sync goes through
-    assert _greedy(engine) == _hf_greedy(actor)
+    assert _greedy(engine) == hf_greedy(actor, PROMPTS, GREEDY)
 
 
 def _server_greedy(url: str) -> tuple[list[list[int]], set]:
@@ -308,13 +292,13 @@ def test_failed_first_push_rolls_back_to_the_checkpoint(cluster, monkeypatch, ti
         attached.setup(actor, None, str(tiny_model_dir))
     assert f"{url}: failed at transfer" in str(info.value) and "rolled back to version -1" in str(info.value)
     checkpoint = AutoModelForCausalLM.from_pretrained(tiny_model_dir).float().eval()
-    assert _server_greedy(url) == (_hf_greedy(checkpoint), {"-1"})
+    assert _server_greedy(url) == (hf_greedy(checkpoint, PROMPTS, GREEDY), {"-1"})
     tied_url = cluster["tied"].servers[0].url
     with RemoteVLLMEngine(urls=[tied_url]) as attached, pytest.raises(WeightSyncError, match=f"{tied_url}.*keeps the LM head it had: restart"):
         attached.setup(cluster["tied_actor"], None, str(tiny_tied_model_dir))
     monkeypatch.undo()
     cluster["tied"].load_weights(named_full_tensors(cluster["tied_actor"]))  # a good sync repairs it
-    assert _greedy(cluster["tied"]) == _hf_greedy(cluster["tied_actor"])
+    assert _greedy(cluster["tied"]) == hf_greedy(cluster["tied_actor"], PROMPTS, GREEDY)
 
 
 def test_frozen_server_times_out_with_its_url_then_recovers(cluster):
@@ -336,7 +320,7 @@ def test_frozen_server_times_out_with_its_url_then_recovers(cluster):
     time.sleep(1)  # let the server answer the calls it received while frozen
     engine.load_weights(named_full_tensors(actor))  # a good sync pauses and resumes again
     assert not _is_paused(engine.servers[0])
-    assert _greedy(engine) == _hf_greedy(actor)
+    assert _greedy(engine) == hf_greedy(actor, PROMPTS, GREEDY)
 
 
 def test_unreachable_urls_fail_with_their_url():

@@ -10,11 +10,11 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from rollout_reference import actor_token_logprobs
+from rollout_reference import hf_greedy, max_logprob_gap
 from transformers import AutoModelForCausalLM
 
 from archer.callbacks import WeightSyncCallback
-from archer.rollout import HFEngine, SamplingConfig, VLLMEngine, named_full_tensors
+from archer.rollout import SamplingConfig, VLLMEngine, named_full_tensors
 from archer.tiny import build_tokenizer
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -57,22 +57,6 @@ def tied(tiny_tied_model_dir, llm_constructions):
     return _start(tiny_tied_model_dir, llm_constructions)
 
 
-def _max_logprob_gap(actor, prompts, out, temperature: float) -> float:
-    """max over prompts, samples and tokens of |engine log-prob − actor float64 log-prob|."""
-    gaps = []
-    for prompt, group in zip(prompts, out):
-        for c in group:
-            reference = actor_token_logprobs(actor, prompt, c.token_ids, temperature)
-            gaps.append((torch.tensor(c.logprobs, dtype=torch.float64) - reference).abs().max().item())
-    return max(gaps)
-
-
-def _hf_greedy(actor) -> list[list[int]]:
-    hf = HFEngine()
-    hf.setup(actor, build_tokenizer(), "")
-    return [g[0].token_ids for g in hf.generate(PROMPTS, GREEDY)]
-
-
 def test_sampling_n_seed_stop_and_logprobs(untied):
     actor, engine = untied
     sampling = SamplingConfig(n=3, temperature=0.8, max_new_tokens=10, seed=7)
@@ -82,7 +66,7 @@ def test_sampling_n_seed_stop_and_logprobs(untied):
     assert [[c.token_ids for c in g] for g in out] == [[c.token_ids for c in g] for g in again]
     # Samples of one prompt come from distinct seeds (seed + j), so they are not all identical.
     assert len({tuple(c.token_ids) for c in out[0]}) > 1
-    assert _max_logprob_gap(actor, PROMPTS, out, temperature=0.8) < 1e-3
+    assert max_logprob_gap(actor, PROMPTS, out, temperature=0.8) < 1e-3
     # A stop token ends the completion and is kept, as with EOS (same contract as HFEngine).
     first = out[0][0].token_ids
     stop_sampling = SamplingConfig(n=1, temperature=0.8, max_new_tokens=10, seed=7, stop_token_ids=[first[2]])
@@ -96,22 +80,22 @@ def test_sampling_n_seed_stop_and_logprobs(untied):
 def _observe_stale(actor, engine) -> list[list[int]]:
     """After the actor changed and before the refresh: the engine still samples from the old
     weights. Returns the HF greedy completions on the new weights."""
-    hf_greedy = _hf_greedy(actor)
+    expected_greedy = hf_greedy(actor, PROMPTS, GREEDY)
     stale = engine.generate(PROMPTS, GREEDY)
-    assert [g[0].token_ids for g in stale] != hf_greedy
+    assert [g[0].token_ids for g in stale] != expected_greedy
     stale_sampled = engine.generate(PROMPTS, SamplingConfig(n=2, temperature=1.0, max_new_tokens=12, seed=1))
-    assert _max_logprob_gap(actor, PROMPTS, stale_sampled, temperature=1.0) > 1e-2
-    return hf_greedy
+    assert max_logprob_gap(actor, PROMPTS, stale_sampled, temperature=1.0) > 1e-2
+    return expected_greedy
 
 
-def _assert_fresh(actor, engine, hf_greedy, llm_before, llm_constructions) -> None:
+def _assert_fresh(actor, engine, expected_greedy, llm_before, llm_constructions) -> None:
     """After the refresh: greedy tokens equal HF's, log-probs equal the actor's (float32, < 1e-3),
     and it is the same engine: no second ``LLM`` was built for this model."""
     fresh = engine.generate(PROMPTS, GREEDY)
-    assert [g[0].token_ids for g in fresh] == hf_greedy
-    assert _max_logprob_gap(actor, PROMPTS, fresh, temperature=1.0) < 1e-3
+    assert [g[0].token_ids for g in fresh] == expected_greedy
+    assert max_logprob_gap(actor, PROMPTS, fresh, temperature=1.0) < 1e-3
     fresh_sampled = engine.generate(PROMPTS, SamplingConfig(n=2, temperature=1.0, max_new_tokens=12, seed=1))
-    assert _max_logprob_gap(actor, PROMPTS, fresh_sampled, temperature=1.0) < 1e-3
+    assert max_logprob_gap(actor, PROMPTS, fresh_sampled, temperature=1.0) < 1e-3
     assert engine.llm is llm_before
     assert llm_constructions.count(str(engine.llm.llm_engine.model_config.model)) == 1
 
@@ -141,7 +125,7 @@ class _StaleProbe(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         pl_module.actor.eval()
-        self.hf_greedy = _observe_stale(pl_module.actor, pl_module.rollout)
+        self.expected_greedy = _observe_stale(pl_module.actor, pl_module.rollout)
 
 
 def test_optimizer_step_then_callback_refresh_matches_actor(untied, llm_constructions, tmp_path):
@@ -164,7 +148,7 @@ def test_optimizer_step_then_callback_refresh_matches_actor(untied, llm_construc
     trainer.fit(_OneStepModule(actor, engine), train_dataloaders=loader)
     actor.eval()
     assert trainer.callback_metrics["time/weight_sync_s"] > 0
-    _assert_fresh(actor, engine, probe.hf_greedy, llm_before, llm_constructions)
+    _assert_fresh(actor, engine, probe.expected_greedy, llm_before, llm_constructions)
 
 
 def test_tied_embeddings_refresh(tied, llm_constructions):
@@ -177,6 +161,6 @@ def test_tied_embeddings_refresh(tied, llm_constructions):
     with torch.no_grad():
         for p in actor.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=generator))
-    hf_greedy = _observe_stale(actor, engine)
+    expected_greedy = _observe_stale(actor, engine)
     engine.load_weights(named_full_tensors(actor))
-    _assert_fresh(actor, engine, hf_greedy, llm_before, llm_constructions)
+    _assert_fresh(actor, engine, expected_greedy, llm_before, llm_constructions)
