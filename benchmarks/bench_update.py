@@ -308,8 +308,8 @@ def main() -> None:
         f"(measured: mean {response.mean():.0f}, median {response.median():.0f}, max {response.max():.0f}, "
         f"{int((lengths[:, 1] == args.max_new_tokens).sum())} clipped); prompts {int(lengths[:, 0].min())}–"
         f"{int(lengths[:, 0].max())} tokens with the chat template. Fixed: {args.micro_batch_size} rows per "
-        f"micro-batch; budget: {args.micro_batch_tokens} tokens = {args.micro_batch_size} × the longest possible "
-        "sequence. Peak RSS: the whole process (weights, grads, AdamW, reference, activations).",
+        f"micro-batch; budget: {args.micro_batch_tokens} tokens ({args.micro_batch_tokens / longest:g} × the longest "
+        f"possible sequence, {longest}). Peak RSS: the whole process (weights, grads, AdamW, reference, activations).",
         markdown_table(headers, table_rows),
         "Budget mode's pad fraction at other budgets (planning only, same lengths, `split_rows`):",
         markdown_table(["budget (tokens)", "micro-batches", "pad fraction"], budget_rows),
