@@ -33,9 +33,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from archer.experience import ScoredGroups
+from archer.config import AsyncRolloutConfig
+from archer.sampling import GroupSampler, ScoredGroups
 
-__all__ = ["ProducedBatch", "RolloutProducer", "staleness"]
+__all__ = ["AsyncSampler", "ProducedBatch", "RolloutProducer", "StalenessReport", "staleness"]
 
 
 @dataclass
@@ -151,3 +152,62 @@ class RolloutProducer:
             self._condition.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+
+
+@dataclass
+class StalenessReport:
+    """How stale the batch a step took from the producer was, and how long each side waited."""
+
+    lag: Tensor
+    """``[N]`` each sample's staleness (:func:`staleness`)."""
+    dropped: int
+    """Samples masked out for being staler than ``max_staleness`` (whole groups)."""
+    trainer_idle_s: float
+    """Seconds the trainer waited for the batch."""
+    producer_idle_s: float
+    """Seconds the producer waited for the staleness bound before starting it."""
+
+
+class AsyncSampler:
+    """The asynchronous counterpart of :meth:`GroupSampler.collect`: each step's batch comes from a
+    :class:`RolloutProducer` (started at the first step, or after a resume), with the groups holding a
+    sample staler than ``max_staleness`` masked out.
+
+    Args:
+        sampler: Samples and scores on the producer thread (its own reward workers, local collectives).
+        engine: The remote engine, whose ``version`` counts the weight syncs it received.
+        batch_of: The prompt rows of stream batch ``index``.
+        config: The staleness bound.
+    """
+
+    def __init__(self, sampler: GroupSampler, engine, batch_of: Callable[[int], list[dict]],
+                 config: AsyncRolloutConfig) -> None:
+        self.sampler = sampler
+        self.engine = engine
+        self.batch_of = batch_of
+        self.config = config
+        self._producer: RolloutProducer | None = None
+        self._version_offset = 0
+
+    def collect(self, index: int, step: int) -> tuple[ScoredGroups, StalenessReport]:
+        """Stream batch ``index``, for training step ``step``, as the producer rolled it out."""
+        if self._producer is None:
+            self._version_offset = step - self.engine.version  # the servers now serve this step's weights
+            self._producer = RolloutProducer(
+                lambda i, s: self.sampler.collect(self.batch_of(i), s),
+                served_step=lambda: self.engine.version + self._version_offset,
+                max_staleness=self.config.max_staleness,
+            )
+            self._producer.start(index, step)
+        produced, trainer_idle = self._producer.take(index)
+        scored, n = produced.scored, self.sampler.sampling.n
+        lag = staleness(produced, step, self._version_offset)
+        fresh = (lag <= self.config.max_staleness).view(-1, n).all(-1).repeat_interleave(n)
+        scored.keep = scored.keep & fresh
+        return scored, StalenessReport(lag, int((~fresh).sum()), trainer_idle, produced.producer_idle_s)
+
+    def stop(self) -> None:
+        """Stop the producer, if any (idempotent)."""
+        if self._producer is not None:
+            self._producer.stop()
+            self._producer = None

@@ -4,15 +4,20 @@ Losses and the update loop ask for mini-batch totals (unit counts, entropy thres
 verdicts) without caring whether they run on one process or many: :class:`Collectives` does the
 all-reduce / all-gather over the default process group when one is initialised with several
 ranks, and returns its input otherwise. Every rank must make the same calls in the same order.
+:class:`GradientSync` pauses the backward's gradient reduction between the micro-batches of one
+optimizer step, the one thing DDP and FSDP2 do differently for the update.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Collectives"]
+__all__ = ["Collectives", "DDPGradientSync", "FSDP2GradientSync", "GradientSync"]
 
 
 class Collectives:
@@ -72,3 +77,45 @@ class Collectives:
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded)
         return torch.cat([part[: int(n)] for part, n in zip(parts, lengths)]).to(values.device)
+
+
+class GradientSync:
+    """Whether a backward pass reduces gradients across ranks (the base class: one process, nothing to
+    reduce). Micro-batches of one optimizer step accumulate locally and sync on the last one only."""
+
+    @contextlib.contextmanager
+    def enabled(self, sync: bool) -> Iterator[None]:
+        """Run the backward passes inside with (``sync``) or without the cross-rank gradient reduction."""
+        if sync:
+            yield
+        else:
+            with self._paused():
+                yield
+
+    def _paused(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+class DDPGradientSync(GradientSync):
+    """DDP: ``no_sync`` (Lightning's ``strategy.block_backward_sync()``) pauses the all-reduce."""
+
+    def __init__(self, block_backward_sync: Callable[[], contextlib.AbstractContextManager]) -> None:
+        self._block = block_backward_sync
+
+    def _paused(self) -> contextlib.AbstractContextManager:
+        return self._block()
+
+
+class FSDP2GradientSync(GradientSync):
+    """FSDP2: unsharded gradients accumulate until the last micro-batch (``set_requires_gradient_sync``)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    @contextlib.contextmanager
+    def _paused(self) -> Iterator[None]:
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)

@@ -1,66 +1,44 @@
-"""One RL step's experience: sampling and scoring its groups (with DAPO/Archer dynamic sampling),
-and the typed batch the update trains on (:class:`Experience`).
+"""From scored groups to the update's batch: one RL step's :class:`Experience`.
 
-``collect_groups`` turns this rank's prompt rows into ``n`` scored completions per prompt::
+:class:`ExperienceMaker` takes what sampling produced (:class:`~archer.sampling.ScoredGroups`, from
+the training thread or from the asynchronous producer alike) and computes every per-sample quantity
+the update reads::
 
-    rows --generate(draw 0)--> groups --score--> rewards --(dynamic sampling)--> keep mask
-         [--generate(draw 1, 2, ...) on refill batches while some rank still lacks informative groups]
+    samples --collate--> padded rollout (groups dynamic sampling dropped: masked out)
+      --actor, no grad--> π_old log-probs (or μ, the engine's, with ``off_policy: behaviour``),
+                          reference log-probs (when a KL term needs them)
+      rewards --overlong shaping, KL in reward--> --advantage estimator--> A_i --shaping--> A_{i,t}
+      π_old vs μ --> rollout-correction weights w_t and the mismatch statistics
 
-The result always holds exactly ``len(rows) · n`` samples, so every rank runs the same number of
-forward passes over the batch; groups that were dropped stay in the batch with ``keep = False``
-(the trainer masks them out of the loss, and its update plan puts them last). Without refill the
-groups keep their places; with refill the informative groups fill the slots first. Nothing here touches a model: the
-callables do the sampling and scoring, which keeps this reusable by evaluation and by an
-asynchronous producer.
+The formulas are in :mod:`archer.algorithms`; this module only sequences them. The micro-batch plan
+of the no-grad passes is defined over every rank's rows (one all-gather of their lengths), so all
+ranks run the same number of forward passes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from archer.algorithms.stats import Ratio
-from archer.config import DynamicSamplingConfig
-from archer.distributed import Collectives
-from archer.rewards.runner import RewardResult
-from archer.rollout.base import Completion
-from archer.rollout.batch import RolloutBatch
+from archer.algorithms import (
+    AdvantageEstimator,
+    Ratio,
+    compute_advantages,
+    kl_in_reward,
+    masked_ratio,
+    overlong_penalty,
+    rollout_correction_weights,
+    rollout_mismatch_stats,
+)
+from archer.config import KLRewardConfig, OverlongConfig, RolloutCorrectionConfig, UpdateConfig
+from archer.micro_batches import plan_passes
+from archer.rollout.batch import RolloutBatch, collate_rollout
+from archer.sampling import ScoredGroups
+from archer.shaping import AdvantageShaping
 
-__all__ = ["Experience", "Samples", "ScoredGroups", "collect_groups", "informative_groups"]
-
-
-@dataclass
-class Samples:
-    """Flattened rollout samples (group-contiguous: ``n`` consecutive samples share a prompt)."""
-
-    prompts: list[list[int]]
-    completions: list[Completion]
-    rows: list[dict]
-    texts: list[str]
-
-    def __add__(self, other: Samples) -> Samples:
-        return Samples(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
-
-    def select(self, index: list[int]) -> Samples:
-        return Samples(*([getattr(self, f.name)[i] for i in index] for f in fields(self)))
-
-
-@dataclass
-class ScoredGroups:
-    """What ``collect_groups`` returns: ``N = len(rows) · n`` samples and what their scoring found."""
-
-    samples: Samples
-    scores: Tensor
-    """``[N]`` float32 rewards (0 for a reward that raised, timed out or returned a non-number)."""
-    keep: Tensor
-    """``[N]`` bool: the sample's group is informative (or dynamic sampling is off)."""
-    rewards: RewardResult
-    """Every reward call of the step, refills included (its scores, error and timeout counts)."""
-    extra_batches: int = 0
-    """Refill batches rolled out (dynamic sampling with ``refill``)."""
+__all__ = ["Experience", "ExperienceMaker"]
 
 
 @dataclass
@@ -86,55 +64,99 @@ class Experience:
     micro-batch planner needs to plan every rank's passes identically on all of them."""
 
 
-def informative_groups(scores: Tensor, n: int) -> Tensor:
-    """``[G]`` bool: groups whose rewards are not all equal (all-equal groups have zero advantage)."""
-    groups = scores.view(-1, n)
-    return (groups.max(-1).values - groups.min(-1).values) > 0
+class ExperienceMaker:
+    """Scored groups → :class:`Experience` (module docstring).
 
-
-def collect_groups(
-    rows: list[dict],
-    n: int,
-    *,
-    generate: Callable[[list[dict], int], Samples],
-    score: Callable[[Samples], RewardResult],
-    dynamic_sampling: DynamicSamplingConfig | None,
-    draw_batch: Callable[[], list[dict]],
-    collectives: Collectives,
-) -> ScoredGroups:
-    """Roll out and score ``rows`` (``generate(rows, draw)`` samples with the draw's seed).
-
-    Dynamic sampling drops groups whose rewards are all equal; with ``refill`` it rolls out further
-    batches from ``draw_batch()`` while any rank has fewer informative groups than prompts, up to
-    ``max_extra_batches``. The decision to draw again is taken for all ranks at once (a max over
-    ranks), because generation can be collective (an FSDP2-sharded actor all-gathers its layers in
-    every forward): a rank that stopped alone would leave the others waiting forever.
+    Args:
+        actor: Computes the no-grad log-probs (:meth:`archer.actor.Actor.logprobs`); its collectives,
+            rank, packing and micro-batch settings plan the passes.
+        pad_token_id: Pads the collated rollout.
+        max_new_tokens: The longest response (overlong shaping's horizon).
+        advantage: The advantage estimator.
+        advantage_shaping: Applied in order after the advantages.
+        overlong: DAPO's overlong reward shaping (None: off).
+        kl_in_reward: The KL-to-reference reward penalty (None: off).
+        rollout_correction: The engine–trainer importance weights' settings.
+        engine_matches_trainer: The engine's log-probs are the trainer's own (``HFEngine``), so
+            ``rollout_correction.apply: auto`` leaves the weights off.
+        behaviour_ratio: The ratio's denominator is the engine's μ itself (asynchronous
+            ``off_policy: behaviour``): no π_old pass and no correction weights.
     """
 
-    results: list[RewardResult] = []
+    def __init__(
+        self, actor, *, pad_token_id: int, max_new_tokens: int, advantage: AdvantageEstimator,
+        advantage_shaping: list[AdvantageShaping], overlong: OverlongConfig | None,
+        kl_in_reward: KLRewardConfig | None, rollout_correction: RolloutCorrectionConfig,
+        engine_matches_trainer: bool, behaviour_ratio: bool,
+    ) -> None:
+        self.actor = actor
+        self.pad_token_id = pad_token_id
+        self.max_new_tokens = max_new_tokens
+        self.advantage = advantage
+        self.advantage_shaping = advantage_shaping
+        self.overlong = overlong
+        self.kl_in_reward = kl_in_reward
+        self.rollout_correction = rollout_correction
+        self.engine_matches_trainer = engine_matches_trainer
+        self.behaviour_ratio = behaviour_ratio
 
-    def scored(batch: list[dict], draw: int) -> tuple[Samples, Tensor]:
-        samples = generate(batch, draw)
-        results.append(score(samples))
-        return samples, torch.tensor(results[-1].scores, dtype=torch.float32)
+    def make(self, scored: ScoredGroups) -> Experience:
+        """The update's inputs: padded rollout, old and reference log-probs, rewards → advantages, and
+        the rollout-correction weights (with the engine–trainer mismatch statistics)."""
+        actor = self.actor
+        n, device = actor.group_size, actor.device
+        rollout = collate_rollout(scored.samples.prompts, scored.samples.completions, self.pad_token_id)
+        response_lengths = rollout.response_lengths  # before dropped groups are masked out
+        rollout.response_mask = rollout.response_mask * scored.keep[:, None].to(rollout.response_mask.dtype)
+        mask = rollout.response_mask.to(device)
+        ranks = self._rows_of_every_rank(rollout, scored.keep)
+        config: UpdateConfig = actor.config
+        passes = plan_passes(ranks, actor.rank, max_sequences=config.micro_batch_size,
+                             max_tokens=config.logprob_micro_batch_tokens or config.micro_batch_tokens,
+                             packed=actor.packed)
+        if self.behaviour_ratio:  # the ratio's denominator is the engine's μ itself: nothing to recompute
+            old_logprob = rollout.engine_logprobs.to(device) * mask
+        else:
+            old_logprob = actor.logprobs(rollout, passes)[0]
+        ref_logprob = None if actor.reference is None else actor.logprobs(rollout, passes, reference=True)[0]
 
-    samples, scores = scored(rows, 0)
-    if dynamic_sampling is None:
-        return ScoredGroups(samples, scores, torch.ones_like(scores, dtype=torch.bool), results[0])
-    informative = informative_groups(scores, n)
-    if not dynamic_sampling.refill:
-        return ScoredGroups(samples, scores, informative.repeat_interleave(n), results[0])
-    extra_batches = 0
-    while extra_batches < dynamic_sampling.max_extra_batches:
-        missing = torch.tensor(float(len(rows) - int(informative.sum())))
-        if float(collectives.max(missing)) <= 0:
-            break
-        extra_batches += 1
-        extra, extra_scores = scored(draw_batch(), extra_batches)
-        samples, scores = samples + extra, torch.cat([scores, extra_scores])
-        informative = torch.cat([informative, informative_groups(extra_scores, n)])
-    # Keep exactly len(rows) groups: informative ones first, then masked-out fillers.
-    groups = torch.argsort((~informative).to(torch.int8), stable=True)[: len(rows)]
-    index = (groups[:, None] * n + torch.arange(n)).flatten().tolist()
-    keep = informative[groups].repeat_interleave(n)
-    return ScoredGroups(samples.select(index), scores[index], keep, sum(results[1:], results[0]), extra_batches)
+        rewards = scored.scores.to(device)
+        if self.overlong is not None:
+            rewards = rewards + overlong_penalty(
+                response_lengths.to(device), max_len=self.max_new_tokens, buffer=self.overlong.buffer,
+                penalty=self.overlong.penalty,
+            )
+        if self.kl_in_reward is not None:
+            rewards = kl_in_reward(rewards, old_logprob, ref_logprob, mask, beta=self.kl_in_reward.beta,
+                                   estimator=self.kl_in_reward.estimator)
+        advantages = compute_advantages(rewards, n, estimator=self.advantage, sum_over_ranks=actor.collectives.sum,
+                                        valid=scored.keep.to(device))
+        advantages = advantages[:, None].expand_as(mask).contiguous()  # [N, R]
+        for shaping in self.advantage_shaping:
+            advantages = shaping(advantages, old_logprob, mask, n)
+        pg_weight, mismatch = self._correction(rollout, old_logprob, mask)
+        return Experience(rollout, response_lengths, old_logprob, ref_logprob, advantages, pg_weight, mismatch, ranks)
+
+    def _correction(self, rollout: RolloutBatch, old_logprob: Tensor, mask: Tensor) -> tuple[Tensor | None, dict[str, Ratio]]:
+        """The rollout-correction weights (None when not applied) and the mismatch statistics (logged
+        whenever the engine reports log-probs)."""
+        if rollout.engine_logprobs is None or self.behaviour_ratio:
+            return None, {}
+        correction = self.rollout_correction
+        engine = rollout.engine_logprobs.to(old_logprob.device)
+        options = dict(level=correction.level, mode=correction.mode, upper=correction.upper)
+        weights = rollout_correction_weights(old_logprob, engine, mask, lower=correction.lower, **options)
+        mismatch = rollout_mismatch_stats(old_logprob, engine, mask, weights, **options)
+        mismatch["logprob_diff"] = masked_ratio((engine - old_logprob).abs(), mask.bool())
+        apply = correction.apply == "always" or (correction.apply == "auto" and not self.engine_matches_trainer)
+        return (weights if apply else None), mismatch
+
+    def _rows_of_every_rank(self, rollout: RolloutBatch, keep: Tensor) -> list[Tensor]:
+        """Per rank ``q``, its ``[N, 3]`` (prompt length, response length, kept) rows: what the
+        micro-batch planner needs to cut every rank's rows the same way on all of them (one all-gather).
+        ``keep`` ``[N]``: this rank's rows that dynamic sampling kept."""
+        actor = self.actor
+        prompt = rollout.attention_mask[:, : rollout.prompt_len].sum(-1)
+        response = rollout.response_mask.sum(-1).long()  # 0 for the groups dynamic sampling dropped
+        local = torch.stack([prompt, response, keep.long()], -1).to(actor.device)
+        return list(actor.collectives.cat(local.flatten()).view(actor.world_size, -1, 3).cpu())

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["global_group_order", "lockstep", "plan_update", "split_rows"]
+__all__ = ["global_group_order", "informative_global_groups", "lockstep", "plan_passes", "plan_update", "split_rows"]
 
 
 def split_rows(rows: Tensor, lengths: Tensor, *, max_sequences: int, max_tokens: int = 0, packed: bool = False) -> list[Tensor]:
@@ -72,6 +72,24 @@ def lockstep(per_rank: list[list[Tensor]], rank: int) -> list[Tensor]:
     count = max(1, *(len(micro) for micro in per_rank))
     own = per_rank[rank]
     return own + [torch.zeros(0, dtype=torch.long)] * (count - len(own))
+
+
+def plan_passes(ranks: list[Tensor], rank: int, *, max_sequences: int, max_tokens: int = 0,
+                packed: bool = False) -> list[Tensor]:
+    """This rank's micro-batches over its kept rows, for a no-grad pass, in lockstep with the other
+    ranks. ``ranks``: per rank, its ``[N_q, 3]`` rows (prompt length, response length, kept)."""
+    kept = [rows[:, 2].nonzero().flatten() for rows in ranks]
+    per_rank = [
+        split_rows(index, rows[index, :2], max_sequences=max_sequences, max_tokens=max_tokens, packed=packed)
+        for index, rows in zip(kept, ranks)
+    ]
+    return lockstep(per_rank, rank)
+
+
+def informative_global_groups(ranks: list[Tensor], group_size: int) -> Tensor:
+    """``[G]`` bool over the global groups (global group ``j·W + r`` is rank ``r``'s local group ``j``):
+    whether dynamic sampling kept it. ``ranks``: per rank, its ``[N_q, 3]`` rows (see :func:`plan_passes`)."""
+    return torch.stack([rows[::group_size, 2] > 0 for rows in ranks]).t().reshape(-1)
 
 
 def global_group_order(informative: Tensor, *, seed: int | None = None) -> Tensor:

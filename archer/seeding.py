@@ -12,8 +12,9 @@ rank's mask to recover the rank-independent seed of the draw.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
-__all__ = ["derive_seed", "rank_seed"]
+__all__ = ["Seeds", "derive_seed", "rank_seed"]
 
 _MODULUS = 2**31  # torch, vLLM and Python's random all accept seeds below 2**31
 
@@ -27,3 +28,16 @@ def derive_seed(*parts: int | str) -> int:
 def rank_seed(seed: int, rank: int) -> int:
     """``seed`` made specific to ``rank`` (an involution: ``rank_seed(rank_seed(s, r), r) == s``)."""
     return seed ^ derive_seed("rank", rank)
+
+
+@dataclass(frozen=True)
+class Seeds:
+    """A run's seeds: ``seeds(purpose, *indices)`` is this rank's seed of one draw, derived from the
+    run's ``base`` seed, independent of any global RNG state (a resumed run samples exactly what the
+    uninterrupted run would have). ``base`` alone serves draws that must agree on every rank."""
+
+    base: int
+    rank: int = 0
+
+    def __call__(self, purpose: str, *indices: int) -> int:
+        return rank_seed(derive_seed(self.base, purpose, *indices), self.rank)

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import html
 import math
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from archer.algorithms import classify_tokens
 
-__all__ = ["render_token_view", "write_token_view", "validate_samples", "entropy_colour"]
+__all__ = ["entropy_colour", "pick_samples", "render_token_view", "validate_samples", "write_token_view"]
 
 REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
     "prompt": str,
@@ -172,3 +174,30 @@ def write_token_view(samples: Sequence[dict[str, Any]], rho: float, path: str | 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render_token_view(samples, rho), encoding="utf-8")
     return out
+
+
+def pick_samples(rollout, scores: Tensor, entropy: Tensor, rows: Tensor, tokenizer, *, group_size: int,
+                 count: int, step: int) -> list[dict[str, Any]]:
+    """Up to ``count`` samples (the dicts of the module docstring) from the rows ``rows`` ``[B]`` of
+    ``rollout`` (an :class:`~archer.rollout.batch.RolloutBatch`) whose training-forward entropies are
+    ``entropy`` ``[B, R]``, spread over prompts: the first response of each group, then the second, ..."""
+    rows = rows.tolist()
+    seen: dict[int, int] = defaultdict(int)
+    order = []
+    for j, row in enumerate(rows):
+        order.append((seen[row // group_size], j))
+        seen[row // group_size] += 1
+    samples = []
+    for _, j in sorted(order)[:count]:
+        row = rows[j]
+        length = int(rollout.response_mask[row].sum().item())
+        ids = rollout.response_ids[row, :length].tolist()
+        prompt_ids = rollout.input_ids[row, : rollout.prompt_len][rollout.attention_mask[row, : rollout.prompt_len] > 0]
+        samples.append({
+            "prompt": tokenizer.decode(prompt_ids.tolist()),
+            "tokens": [tokenizer.decode([t]) for t in ids],
+            "entropy": entropy[j, :length].float().tolist(),
+            "reward": float(scores[row]),
+            "step": step,
+        })
+    return samples

@@ -110,8 +110,12 @@ def main() -> None:
     found = differences(json.loads(BASELINE.read_text()), current, args.rtol)
     for line in found[:40]:
         print(line)
+    baseline = json.loads(BASELINE.read_text())
     for name, runs in current.items():
-        print(f"{name}: {len(runs[KEYS[0]])} steps compared")
+        gaps = [abs(a - b) / max(abs(a), abs(b), 1e-30) for key in KEYS
+                for a, b in zip(baseline[name][key], runs[key]) if a != b]
+        print(f"{name}: {len(runs[KEYS[0]])} steps compared, {len(gaps)} figures not bit-identical"
+              + (f" (largest relative gap {max(gaps):.2e})" if gaps else ""))
     if found:
         raise SystemExit(f"{len(found)} figures differ from {BASELINE.name}")
     print("same results: every figure of every run matches the baseline")

@@ -75,7 +75,7 @@ def test_stop_ends_a_waiting_producer():
 
 def test_staleness_counts_from_the_oldest_span_or_the_start():
     from archer.async_rollout import ProducedBatch, staleness
-    from archer.experience import Samples, ScoredGroups
+    from archer.sampling import Samples, ScoredGroups
     from archer.rewards.runner import RewardResult
     from archer.rollout.base import Completion
 

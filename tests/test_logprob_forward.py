@@ -1,11 +1,11 @@
-"""The trainer's log-prob forward (``ArcherModule._logprobs``), padded and packed, against a brute-force
-reference: each sequence alone through the model, full-vocabulary ``log_softmax(logits / T)``."""
+"""The trainer's log-prob forward (``archer.actor.response_logprobs``), padded and packed, against a
+brute-force reference: each sequence alone through the model, full-vocabulary ``log_softmax(logits / T)``."""
 
 import pytest
 import torch
 
-from archer.losses import DAPOLoss
-from archer.module import ArcherModule
+from archer.actor import response_logprobs
+from archer.models import load_causal_lm
 from archer.rollout.base import Completion
 from archer.rollout.batch import collate_rollout
 
@@ -13,10 +13,8 @@ TEMPERATURE = 0.7
 
 
 @pytest.fixture(scope="module")
-def module(tiny_model_dir):
-    module = ArcherModule(tiny_model_dir, loss=DAPOLoss())
-    module.configure_model()
-    return module
+def actor(tiny_model_dir):
+    return load_causal_lm(tiny_model_dir, "float32")
 
 
 def _batch():
@@ -39,41 +37,37 @@ def _reference(model, prompts, responses):
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_logprobs_and_entropies_match_each_sequence_alone(module, packed):
+def test_logprobs_and_entropies_match_each_sequence_alone(actor, packed):
     prompts, responses, batch = _batch()
-    module.packed = packed
-    try:
-        logprob, entropy = module._logprobs(module.actor, batch, TEMPERATURE)
-    finally:
-        module.packed = False
-    for i, (ref_logprob, ref_entropy) in enumerate(_reference(module.actor, prompts, responses)):
+    logprob, entropy, computed = response_logprobs(actor, batch, TEMPERATURE, packed=packed)
+    real = sum(map(len, prompts)) + sum(map(len, responses))
+    assert (float(computed.num), float(computed.den)) == (real, real if packed else batch.input_ids.numel())
+    for i, (ref_logprob, ref_entropy) in enumerate(_reference(actor, prompts, responses)):
         n = len(responses[i])
         torch.testing.assert_close(logprob[i, :n].double(), ref_logprob, rtol=0, atol=2e-5)
         torch.testing.assert_close(entropy[i, :n].double(), ref_entropy, rtol=0, atol=2e-5)
         assert (logprob[i, n:] == 0).all() and (entropy[i, n:] == 0).all()  # nothing past the response
 
 
-def test_packed_and_padded_give_the_same_gradients(module):
+def test_packed_and_padded_give_the_same_gradients(actor):
     _, _, batch = _batch()
     grads = []
     for packed in (False, True):
-        module.packed = packed
-        module.actor.zero_grad()
-        module._logprobs(module.actor, batch, TEMPERATURE)[0].sum().backward()
-        grads.append({name: p.grad.clone() for name, p in module.actor.named_parameters()})
-    module.packed = False
+        actor.zero_grad()
+        response_logprobs(actor, batch, TEMPERATURE, packed=packed)[0].sum().backward()
+        grads.append({name: p.grad.clone() for name, p in actor.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_the_forward_keeps_only_the_last_hidden_state(module):
+def test_the_forward_keeps_only_the_last_hidden_state(actor):
     """The decoder is asked for its last hidden state only: no per-layer outputs are kept alive, and the
     vocabulary projection runs on the response tokens only (not on logits for every position)."""
     seen = []
-    hook = module.actor.get_decoder().register_forward_hook(lambda mod, args, kwargs, out: seen.append((kwargs, out)),
+    hook = actor.get_decoder().register_forward_hook(lambda mod, args, kwargs, out: seen.append((kwargs, out)),
                                                               with_kwargs=True)
     try:
-        module._logprobs(module.actor, _batch()[2], TEMPERATURE)
+        response_logprobs(actor, _batch()[2], TEMPERATURE)
     finally:
         hook.remove()
     (kwargs, out), = seen

@@ -12,6 +12,7 @@ import signal
 
 import pytest
 import torch
+from archer.step_metrics import keys_logged_when
 from harness import ROOT, assert_ok, checkpoint_callback, metrics, run_subprocess, train_rows
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.distributed]
@@ -58,6 +59,8 @@ def test_a_killed_async_run_resumes_within_the_staleness_bound_without_losing_a_
     assert_ok(run_subprocess(tmp_path, _args(tiny_model_dir, _override(tmp_path), "--trainer.max_steps=5",
                                              "--ckpt_path=last"), timeout=600))
     train = train_rows(metrics(tmp_path, run=RUN))
+    missing = keys_logged_when("asynchronous", "engine log-probs", "WeightSyncCallback") - set(train.columns)
+    assert not missing, f"metrics not logged (docs/metrics.md): {missing}"
     assert train["rollout/batch_index"].tolist() == [2, 3, 4]
     assert train["rollout/staleness_max"].tolist() == [0, 1, 1]  # the new producer starts on-policy
     assert train["rollout/staleness_mean"].tolist() == [0, 1, 1]

@@ -48,6 +48,10 @@ PAPER_MODEL = {
 }
 PAPER_DATA = {"batch_size": 8}
 OPTIMIZER_STEPS = 6  # 3 epochs × 2 mini-batches
+WEIGHT_ATOL = 1e-5
+"""Weights after one RL step of the same update computed two ways (micro-batches, budgets, ranks): float32
+sums in another order, amplified by AdamW's 1/√v on near-zero gradient elements (measured ≤ 2.6e-6);
+a different token selection moves a weight by ~lr = 5e-4 per optimizer step."""
 REQUIRED_METRICS = ["train/reward_mean", "train/pg_loss", "train/grad_norm", "train/lr", "train/nonfinite_steps",
                     "perf/tokens_per_s", "perf/pad_fraction", "perf/peak_memory_gb"]
 LOSSES = {
@@ -80,8 +84,10 @@ def test_the_update_is_the_same_for_every_micro_batch_size(loss, tiny_model_dir,
     statistics. (Before the fix the 80/20 batch-level threshold and the type counts of a token-mean
     KL were taken per micro-batch.)
 
-    Tolerance: float32 sums in another order through 6 AdamW steps; measured max |Δw| ≤ 3e-7,
-    asserted 2e-6. A different token selection moves ~lr = 5e-4 per step.
+    Tolerance: float32 sums in another order through 6 AdamW steps; measured max |Δw| ≤ 3e-7 on most
+    elements, 2.6e-6 on one (2026-12-03: AdamW divides by √v, so a summation-order difference in a
+    near-zero gradient element is amplified); asserted 1e-5. A different token selection moves
+    ~lr = 5e-4 per step, 50× that.
     """
     runs = {}
     for size in (1, 2, 16):
@@ -96,7 +102,7 @@ def test_the_update_is_the_same_for_every_micro_batch_size(loss, tiny_model_dir,
     for size in (1, 2):
         weights, other = runs[size]
         for key in reference:
-            torch.testing.assert_close(weights[key], reference[key], rtol=0, atol=2e-6, msg=f"micro {size}: {key}")
+            torch.testing.assert_close(weights[key], reference[key], rtol=0, atol=WEIGHT_ATOL, msg=f"micro {size}: {key}")
         columns = [c for c in stats.columns if c.startswith("train/")]
         assert "train/pg_loss" in columns and "train/clipfrac" in columns
         for column in columns:  # every loss statistic, and grad_norm
@@ -125,7 +131,7 @@ def test_token_budgets_and_packing_give_the_same_update(loss, tiny_model_dir, tm
     for name in ("budget", "packed"):
         weights, other = runs[name]
         for key in reference:
-            torch.testing.assert_close(weights[key], reference[key], rtol=0, atol=2e-6, msg=f"{name}: {key}")
+            torch.testing.assert_close(weights[key], reference[key], rtol=0, atol=WEIGHT_ATOL, msg=f"{name}: {key}")
         for column in [c for c in stats.columns if c.startswith("train/")]:
             torch.testing.assert_close(torch.tensor(other[column].values), torch.tensor(stats[column].values),
                                        rtol=1e-5, atol=1e-7, msg=f"{name}: {column}")
@@ -193,7 +199,7 @@ def test_a_reward_that_returns_text_is_an_error_and_a_step_of_errors_warns(tiny_
     now each is an error scored 0, counted, and a step where every reward failed says so loudly."""
     model = {"reward": {"class_path": "scale_probe.TextReward"}}
     override = override_file(tmp_path, max_steps=1, every=1, model=model)
-    with caplog.at_level(logging.WARNING, logger="archer.module"):
+    with caplog.at_level(logging.WARNING, logger="archer.sampling"):
         in_process(tmp_path, args(tiny_model_dir, override), monkeypatch)
     train = train_rows(metrics(tmp_path))
     assert train["reward/errors"].tolist() == [16 * 8] and train["reward/error_fraction"].tolist() == [1.0]
@@ -246,7 +252,7 @@ def paper_one_process(tiny_model_dir, tmp_path_factory):
 def test_two_ranks_reproduce_one_rank_with_the_paper_knobs(strategy, paper_one_process, tiny_model_dir, tmp_path):
     """The same global batch and samples on 2 ranks (DDP, FSDP2): the same statistics and, after 2 RL
     steps of 6 optimizer steps each, the same weights as 1 process (float32 rounding; measured
-    ≤ 3e-7, asserted 2e-6).
+    ≤ 3e-7, asserted WEIGHT_ATOL).
 
     And the gradients cross the ranks once per optimizer step (on its last micro-batch), not once per
     micro-batch (4 per optimizer step here). DDP: one all-reduce per gradient bucket — the tiny
@@ -281,7 +287,7 @@ def test_two_ranks_reproduce_one_rank_with_the_paper_knobs(strategy, paper_one_p
     reference = actor_weights(paper_one_process / RUN / "checkpoints" / "last.ckpt")
     weights = actor_weights(tmp_path / RUN / "checkpoints" / "last.ckpt")
     for key in reference:
-        torch.testing.assert_close(weights[key], reference[key], rtol=0, atol=2e-6, msg=key)
+        torch.testing.assert_close(weights[key], reference[key], rtol=0, atol=WEIGHT_ATOL, msg=key)
 
     assert two_stats["train/optimizer_steps"].tolist() == [OPTIMIZER_STEPS] * 2
     for rank in (0, 1):
