@@ -67,7 +67,7 @@ def test_the_mask_keeps_the_importance_weight_inside_the_band(level, old):
     old = torch.tensor(old, dtype=torch.float64)
     weights = rollout_correction_weights(old, torch.zeros_like(old), torch.ones(1, 2), level=level, mode="mask", upper=2.0)
     torch.testing.assert_close(weights, torch.full((1, 2), 1.6487212707001282, dtype=torch.float64))
-    stats = rollout_mismatch_stats(old, torch.zeros_like(old), torch.ones(1, 2), weights, level=level, mode="mask", upper=2.0)
+    stats = rollout_mismatch_stats(old, torch.zeros_like(old), torch.ones(1, 2), weights, level=level, mode="mask")
     assert float(stats["is_weight_mean"]) == pytest.approx(1.6487212707001282) and float(stats["is_affected_fraction"]) == 0
 
 
