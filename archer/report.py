@@ -76,7 +76,7 @@ def version_number(folder: Path) -> int | None:
 def version_files(logger_dir: str | Path, name: str = "metrics.csv") -> list[Path]:
     """``logger_dir/version_N/<name>`` files in order of N (by number: ``version_10`` after ``version_2``)."""
     numbered = [(version_number(path.parent), path) for path in Path(logger_dir).glob(f"version_*/{name}")]
-    return [path for number, path in sorted((n, p) for n, p in numbered if n is not None)]
+    return [path for _, path in sorted((n, p) for n, p in numbered if n is not None)]
 
 
 def _load_tensorboard(event_files: list[Path]) -> pd.DataFrame:
@@ -101,8 +101,8 @@ def _load_tensorboard(event_files: list[Path]) -> pd.DataFrame:
 def load_metrics(run_dir: str | Path) -> pd.DataFrame:
     """The run's metrics as a frame with a ``step`` column (NaN where a metric was not logged).
 
-    Prefers the newest ``metrics.csv`` under ``run_dir`` (CSVLogger) — with, when it lies in a
-    ``version_N`` folder, those of its sibling versions before it, concatenated in order of N (a
+    Prefers the newest ``metrics.csv`` under ``run_dir`` (CSVLogger) — when it lies in a
+    ``version_N`` folder, with those of every ``version_N`` beside it, concatenated in order of N (a
     resumed run's rows come after the first run's; :func:`metric_series` keeps the later value of a
     step logged twice) — else TensorBoard event files (``events.out.tfevents.*``) in the newest
     folder that has them.
