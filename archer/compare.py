@@ -48,7 +48,7 @@ import pandas as pd
 import yaml
 
 from archer.export import is_distributed_checkpoint
-from archer.report import PASS_AT_K_PATTERN, metric_series  # also selects matplotlib's headless backend
+from archer.report import PASS_AT_K_PATTERN, metric_series, version_files  # also selects matplotlib's headless backend
 
 import matplotlib.pyplot as plt  # noqa: E402  (after archer.report chose the backend)
 
@@ -262,7 +262,7 @@ def execute(run: Run, config: Path, overrides: dict[str, str]) -> dict:
 def read_run_metrics(run_dir: str | Path) -> pd.DataFrame:
     """A run's ``csv/version_*/metrics.csv`` in version order, concatenated (a resumed run logs to a
     new version; :func:`~archer.report.metric_series` then keeps the later value of a step logged twice)."""
-    files = sorted(Path(run_dir).glob("csv/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[-1]))
+    files = version_files(Path(run_dir) / "csv")
     if not files:
         raise FileNotFoundError(f"no csv/version_*/metrics.csv under {run_dir}")
     return pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
@@ -285,7 +285,7 @@ def loss_changes(loss: dict) -> dict:
 def loss_as_run(run_dir: Path) -> str:
     """``Class(key=value, ...)``: the loss a run trained with, from the config Lightning saved in its
     log folder, with the settings that differ from the class's defaults (:func:`loss_changes`)."""
-    saved = sorted(run_dir.glob("csv/version_*/config.yaml"))
+    saved = version_files(run_dir / "csv", "config.yaml")  # the first version's: the config it started with
     if not saved:
         return "?"
     loss = yaml.safe_load(saved[0].read_text(encoding="utf-8"))["model"]["loss"]

@@ -90,7 +90,7 @@ class RolloutCorrectionConfig:
     level: Literal["token", "sequence", "geometric"] = "token"
     """Ratio per token, per response (product), or per response (geometric mean)."""
     mode: Literal["truncate", "mask"] = "truncate"
-    """``truncate``: w = min(ρ, upper) (TIS); ``mask``: w = 1 inside [lower, upper], else 0 (MIS)."""
+    """``truncate``: w = min(ρ, upper) (TIS); ``mask``: w = ρ inside [lower, upper], else 0 (MIS / IcePop)."""
     upper: float = 2.0
     """Truncation cap / upper mask bound (verl and slime: 2.0)."""
     lower: float | None = None

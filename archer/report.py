@@ -1,8 +1,9 @@
 """``archer report RUN_DIR``: plots of a run's logged metrics plus its newest token view.
 
 Metrics come from Lightning's ``CSVLogger`` (``metrics.csv``, found anywhere under the run
-directory; its rows are sparse — each row holds only what was logged at that step) or, when
-there is no CSV, from TensorBoard event files. Each figure is one PNG; a figure whose metrics
+directory; its rows are sparse — each row holds only what was logged at that step; a resumed run
+logs to a new ``version_N`` folder beside the first, and all of them are read, in order of N) or,
+when there is no CSV, from TensorBoard event files. Each figure is one PNG; a figure whose metrics
 were never logged is skipped with a logged note (a baseline run has no per-type KL, say).
 """
 
@@ -22,12 +23,16 @@ import pandas as pd  # noqa: E402
 
 from archer.token_view import write_token_view  # noqa: E402
 
-__all__ = ["Figure", "FIGURES", "STEP_COLUMN", "PASS_AT_K_PATTERN", "load_metrics", "metric_series", "write_report"]
+__all__ = [
+    "Figure", "FIGURES", "STEP_COLUMN", "PASS_AT_K_PATTERN", "load_metrics", "metric_series", "version_files",
+    "version_number", "write_report",
+]
 
 log = logging.getLogger(__name__)
 
 STEP_COLUMN = "step"
 PASS_AT_K_PATTERN = re.compile(r"^val/.+/(pass|avg)@\d+$")
+VERSION_PATTERN = re.compile(r"version_(\d+)")
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,18 @@ def _newest(paths: list[Path]) -> Path:
     return max(paths, key=lambda p: p.stat().st_mtime)
 
 
+def version_number(folder: Path) -> int | None:
+    """N of a Lightning logger's ``version_N`` folder; None for any other name."""
+    match = VERSION_PATTERN.fullmatch(Path(folder).name)
+    return int(match.group(1)) if match else None
+
+
+def version_files(logger_dir: str | Path, name: str = "metrics.csv") -> list[Path]:
+    """``logger_dir/version_N/<name>`` files in order of N (by number: ``version_10`` after ``version_2``)."""
+    numbered = [(version_number(path.parent), path) for path in Path(logger_dir).glob(f"version_*/{name}")]
+    return [path for _, path in sorted((n, p) for n, p in numbered if n is not None)]
+
+
 def _load_tensorboard(event_files: list[Path]) -> pd.DataFrame:
     """Scalars of every event file as one long-to-wide frame with a ``step`` column."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -84,20 +101,26 @@ def _load_tensorboard(event_files: list[Path]) -> pd.DataFrame:
 def load_metrics(run_dir: str | Path) -> pd.DataFrame:
     """The run's metrics as a frame with a ``step`` column (NaN where a metric was not logged).
 
-    Prefers the newest ``metrics.csv`` under ``run_dir`` (CSVLogger), else TensorBoard event
-    files (``events.out.tfevents.*``) in the newest folder that has them.
+    Prefers the newest ``metrics.csv`` under ``run_dir`` (CSVLogger) — when it lies in a
+    ``version_N`` folder, with those of every ``version_N`` beside it, concatenated in order of N (a
+    resumed run's rows come after the first run's; :func:`metric_series` keeps the later value of a
+    step logged twice) — else TensorBoard event files (``events.out.tfevents.*``) in the newest
+    folder that has them.
     """
     root = Path(run_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"run directory {root} does not exist")
     csv_files = list(root.rglob("metrics.csv"))
     if csv_files:
-        path = _newest(csv_files)
-        frame = pd.read_csv(path)
-        if STEP_COLUMN not in frame.columns:
-            raise ValueError(f"{path}: no {STEP_COLUMN!r} column (columns: {list(frame.columns)})")
-        log.info("metrics from %s", path)
-        return frame
+        newest = _newest(csv_files)
+        paths = version_files(newest.parent.parent) if version_number(newest.parent) is not None else [newest]
+        frames = []
+        for path in paths:
+            frames.append(pd.read_csv(path))
+            if STEP_COLUMN not in frames[-1].columns:
+                raise ValueError(f"{path}: no {STEP_COLUMN!r} column (columns: {list(frames[-1].columns)})")
+        log.info("metrics from %s", ", ".join(map(str, paths)))
+        return pd.concat(frames, ignore_index=True)
     event_files = list(root.rglob("events.out.tfevents.*"))
     if event_files:
         folder = _newest(event_files).parent

@@ -11,6 +11,7 @@ import yaml
 from archer.cli import main
 from archer.compare import (
     final_and_best,
+    loss_as_run,
     loss_changes,
     mean_and_spread,
     paths_config,
@@ -87,6 +88,17 @@ def test_a_resumed_run_s_metrics_are_merged_later_version_winning(tmp_path):
         folder.mkdir()
         pd.DataFrame({"step": [4], "train/reward_mean": [version / 100]}).to_csv(folder / "metrics.csv", index=False)
     assert metric_series(read_run_metrics(tmp_path), "train/reward_mean")[4] == 0.1
+
+
+def test_the_loss_a_run_started_with_is_read_from_its_first_version_by_number(tmp_path):
+    # Versions 0 and 1 deleted: version_2 is the first by number, though "version_10" < "version_2" by name.
+    for version, loss in ((2, "archer.losses.GSPOLoss"), (10, "archer.losses.CISPOLoss")):
+        folder = tmp_path / "csv" / f"version_{version}"
+        folder.mkdir(parents=True)
+        (folder / "config.yaml").write_text(yaml.safe_dump({"model": {"loss": {"class_path": loss}}}))
+    (tmp_path / "csv" / "version_old").mkdir()  # not a Lightning version folder: ignored
+    (tmp_path / "csv" / "version_old" / "config.yaml").write_text("not: a run config")
+    assert loss_as_run(tmp_path) == "GSPOLoss"
 
 
 def test_rewriting_the_plots_deletes_only_plots_it_writes(tmp_path, monkeypatch):

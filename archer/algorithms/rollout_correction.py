@@ -9,7 +9,11 @@ are π_old's of the same tokens. Per valid token (mask m_t = 1) of response i::
     geometric  ρ_i = exp(clamp(mean_t δ_t, −20, 20))     mean over the response's valid tokens
 
     truncate (TIS)            w = min(ρ, upper)
-    mask (MIS, IcePop-style)  w = 1 if lower ≤ ρ ≤ upper else 0      lower defaults to 1/upper
+    mask (MIS, IcePop-style)  w = ρ if lower ≤ ρ ≤ upper else 0      lower defaults to 1/upper
+
+The mask keeps the importance weight inside the band (TRL's ``token_mask`` / ``sequence_mask``,
+verl's IS weights × rejection mask): a weight of 1 there would be the rejection mask alone, which
+drops the outliers but leaves the kept tokens uncorrected (biased).
 
 w is detached and 0 at padding. It multiplies the per-token policy-gradient term pg_t of whichever
 loss runs (their ``pg_weight`` argument), before aggregation: the aggregation's unit counts do not
@@ -19,7 +23,7 @@ here is token truncation at 2.0.
 
 Metrics (:func:`rollout_mismatch_stats`): mismatch_kl = token mean of k3 = exp(δ_t) − δ_t − 1
 (≥ 0, an estimate of KL(π_roll ‖ π_old) over the engine's samples), is_weight_mean = mean of w,
-is_affected_fraction = fraction truncated (ρ > upper) or masked (w = 0). The last two are over
+is_affected_fraction = fraction truncated (ρ > upper) or masked (w = 0; inside the band w = ρ > 0). The last two are over
 tokens at the token level, over responses (with a valid token) at the sequence and geometric levels.
 """
 
@@ -94,7 +98,7 @@ def rollout_correction_weights(
     if mode == "truncate":
         weight = ratio.clamp(max=upper)
     else:
-        weight = ((ratio >= _lower_bound(upper, lower)) & (ratio <= upper)).double()
+        weight = torch.where((ratio >= _lower_bound(upper, lower)) & (ratio <= upper), ratio, 0.0)
     return torch.where(mask, weight, 0.0).to(old_logprob.dtype)
 
 

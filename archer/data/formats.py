@@ -10,6 +10,9 @@
   ``DatasetDict`` folder (``dataset_dict.json``, one such folder per split) with a single split
   is read as that split, with several it must be given as ``FOLDER/SPLIT``.
 
+JSON text is UTF-8, with or without a byte-order mark (Windows editors and some exporters write
+one; read as plain UTF-8 it would break the first record or hide a JSON array's ``[``).
+
 Only pyarrow is needed: Hugging Face ``datasets`` is not imported.
 """
 
@@ -23,6 +26,9 @@ from typing import Any
 __all__ = ["FILE_SUFFIXES", "iter_records", "schema_of", "resolve_dataset_folder"]
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
+
+TEXT_ENCODING = "utf-8-sig"
+"""UTF-8 that drops a leading byte-order mark (and reads files without one unchanged)."""
 
 Record = tuple[int, Any, "str | None"]
 """``(number, record, error)``: ``error`` is set (and ``record`` None) when the record cannot be parsed."""
@@ -75,7 +81,7 @@ def _table_records(batches: Iterator[Any]) -> Iterator[Record]:
 
 
 def _jsonl_records(path: Path) -> Iterator[Record]:
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding=TEXT_ENCODING) as f:
         for number, text in enumerate(f, start=1):
             if not text.strip():
                 continue
@@ -86,7 +92,7 @@ def _jsonl_records(path: Path) -> Iterator[Record]:
 
 
 def _starts_with_array(path: Path) -> bool:
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding=TEXT_ENCODING) as f:
         while chunk := f.read(4096):
             stripped = chunk.lstrip()
             if stripped:
@@ -96,7 +102,7 @@ def _starts_with_array(path: Path) -> bool:
 
 def _json_array_records(path: Path) -> Iterator[Record]:
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = json.loads(path.read_text(encoding=TEXT_ENCODING))
     except json.JSONDecodeError as e:
         # The whole array is unusable; report where the JSON breaks (its text line).
         yield e.lineno, None, f"broken JSON array: {e.msg} at line {e.lineno} column {e.colno}"

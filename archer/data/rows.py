@@ -3,7 +3,8 @@
 A row becomes ``{"prompt": str | list[message], "answer": str (when present), "tests": list
 (code rows), "data_source": str, **other fields}`` whatever the field names in the file are.
 Field names are dotted paths into nested records: verl-style rows use
-``answer: reward_model.ground_truth``, and a path may step into a JSON-object string
+``answer: reward_model.ground_truth`` (the default ``answer`` falls back to it, see
+:func:`answer_field`), and a path may step into a JSON-object string
 (LiveCodeBench's ``metadata.func_name``, where ``metadata`` is a JSON string). ``tests`` may name
 several fields, whose test lists are concatenated (LiveCodeBench's
 ``public_test_cases,private_test_cases``); tests in any format of
@@ -19,6 +20,7 @@ JSON array element, the Parquet/Arrow row).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,13 @@ from typing import Any
 from archer.data.formats import iter_records
 from archer.rewards.code_tests import normalize_tests
 
-__all__ = ["BadRowError", "RowFields", "ReadResult", "read_rows", "validate_row", "lookup"]
+__all__ = ["BadRowError", "RowFields", "ReadResult", "answer_field", "read_rows", "validate_row", "lookup"]
+
+log = logging.getLogger(__name__)
+
+VERL_ANSWER = "reward_model.ground_truth"
+"""Where verl-style rows (chat ``prompt``, ``reward_model``, ``data_source``) keep the reference answer."""
+
 
 class BadRowError(ValueError):
     """A row that cannot be used; ``str()`` starts with ``file:line:field``."""
@@ -47,7 +55,8 @@ class RowFields:
     """Field with the prompt: a non-empty string or a non-empty list of ``{"role", "content"}`` messages."""
     answer: str = "answer"
     """Field with the reference answer (a string; an integer is turned into its decimal string);
-    may be absent in rows that have tests."""
+    may be absent in rows that have tests. With this default, a row without one is read from verl's
+    ``reward_model.ground_truth`` when it has that (:func:`answer_field`)."""
     tests: str | tuple[str, ...] = "tests"
     """Field(s) with test cases for code tasks, concatenated in order; absent or null means none.
     A comma-separated string names several."""
@@ -93,6 +102,21 @@ def lookup(record: Any, path: str) -> Any:
             return None
         value = value[key]
     return value
+
+
+def answer_field(record: Any, fields: RowFields) -> str:
+    """The field a record's answer is read from: ``fields.answer``, except that with the default
+    ``answer`` a record without one that has verl's ``reward_model.ground_truth`` is read from that
+    (unless ``reward_model.ground_truth`` is read as tests), so a verl-style file needs no ``answer_key``.
+    """
+    if (
+        fields.answer == RowFields.answer
+        and VERL_ANSWER not in fields.tests_paths
+        and lookup(record, fields.answer) is None
+        and lookup(record, VERL_ANSWER) is not None
+    ):
+        return VERL_ANSWER
+    return fields.answer
 
 
 def _validate_prompt(prompt: Any, where: tuple[str, int, str]) -> str | list[dict[str, str]]:
@@ -144,7 +168,7 @@ def validate_row(record: Any, fields: RowFields, file: str, line: int) -> dict[s
 
     The canonical ``prompt``/``answer``/``tests``/``data_source`` keys replace the top-level
     source fields they were read from; the other fields are kept; ``data_source`` defaults to the
-    file's stem.
+    file's stem; the answer is read from :func:`answer_field`.
     """
     if not isinstance(record, dict):
         raise BadRowError(file, line, "<row>", f"is {type(record).__name__}, expected a JSON object")
@@ -153,18 +177,19 @@ def validate_row(record: Any, fields: RowFields, file: str, line: int) -> dict[s
         raise BadRowError(file, line, fields.prompt, "missing")
     prompt = _validate_prompt(prompt, (file, line, fields.prompt))
     tests = _tests(record, fields, file, line)
-    answer = lookup(record, fields.answer)
+    answer_path = answer_field(record, fields)
+    answer = lookup(record, answer_path)
     # JSON writers often store numeric answers as numbers; an integer has one exact spelling.
     if isinstance(answer, int) and not isinstance(answer, bool):
         answer = str(answer)
     if answer is None and tests is None:
-        raise BadRowError(file, line, fields.answer, "missing (a row needs an answer or tests)")
+        raise BadRowError(file, line, answer_path, "missing (a row needs an answer or tests)")
     if answer is not None and not isinstance(answer, str):
-        raise BadRowError(file, line, fields.answer, f"is {type(answer).__name__}, expected a string")
+        raise BadRowError(file, line, answer_path, f"is {type(answer).__name__}, expected a string")
     data_source = lookup(record, fields.data_source)
     if data_source is not None and not isinstance(data_source, str):
         raise BadRowError(file, line, fields.data_source, f"is {type(data_source).__name__}, expected a string")
-    consumed = {fields.prompt, fields.answer, fields.data_source, *fields.tests_paths}
+    consumed = {fields.prompt, answer_path, fields.data_source, *fields.tests_paths}
     row = {k: v for k, v in record.items() if k not in consumed}
     row["prompt"] = prompt
     if answer is not None:
@@ -176,13 +201,21 @@ def validate_row(record: Any, fields: RowFields, file: str, line: int) -> dict[s
 
 
 def read_rows(path: str | Path, fields: RowFields = RowFields(), *, skip_bad_rows: bool = False) -> ReadResult:
-    """Read and validate every row of a data file or ``save_to_disk`` folder (:mod:`archer.data.formats`)."""
-    rows, num_skipped = [], 0
+    """Read and validate every row of a data file or ``save_to_disk`` folder (:mod:`archer.data.formats`).
+
+    Logs one warning per file whose answers are read from ``reward_model.ground_truth`` by
+    :func:`answer_field`'s fallback.
+    """
+    rows, num_skipped, fallback_said = [], 0, False
     for line, record, error in iter_records(path):
         try:
             if error is not None:
                 raise BadRowError(str(path), line, "<json>", error)
             rows.append(validate_row(record, fields, str(path), line))
+            if not fallback_said and answer_field(record, fields) != fields.answer:
+                fallback_said = True
+                log.warning("%s: no %r field; reading the answers from %r (verl style); give answer_key "
+                            "(--answer-key) to choose another field", path, fields.answer, VERL_ANSWER)
         except BadRowError:
             if not skip_bad_rows:
                 raise

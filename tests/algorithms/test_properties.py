@@ -134,7 +134,7 @@ def reference_correction_weights(old, rollout, mask, level, mode, upper, lower):
         row = []
         for o, r, m in zip(old_row, roll_row, mask_row):
             ratio = math.exp(clamp(o - r, -20, 20)) if level == "token" else sequence_ratio
-            weight = min(ratio, upper) if mode == "truncate" else float(lower <= ratio <= upper)
+            weight = min(ratio, upper) if mode == "truncate" else ratio * (lower <= ratio <= upper)
             row.append(weight if m else 0.0)
         weights.append(row)
     return weights

@@ -19,14 +19,14 @@ MASK = torch.tensor([[1, 1, 1], [1, 1, 0]])
     [
         # token ρ = [3, 0.25, 1.5 | 0.5, 0.5]; truncate at 2 → [2, 0.25, 1.5 | 0.5, 0.5].
         ("token", "truncate", None, [[2.0, 0.25, 1.5], [0.5, 0.5, 0.0]]),
-        # mask [0.4, 2]: 3 and 0.25 fall outside.
-        ("token", "mask", 0.4, [[0.0, 0.0, 1.0], [1.0, 1.0, 0.0]]),
+        # mask [0.4, 2]: 3 and 0.25 fall outside; inside, w = ρ.
+        ("token", "mask", 0.4, [[0.0, 0.0, 1.5], [0.5, 0.5, 0.0]]),
         # sequence ρ = [3·0.25·1.5, 0.5·0.5] = [1.125, 0.25], on every token of the response.
         ("sequence", "truncate", None, [[1.125] * 3, [0.25, 0.25, 0.0]]),
-        ("sequence", "mask", None, [[1.0] * 3, [0.0, 0.0, 0.0]]),  # lower = 1/2: 0.25 is masked
+        ("sequence", "mask", None, [[1.125] * 3, [0.0, 0.0, 0.0]]),  # lower = 1/2: 0.25 is masked, 1.125 kept
         # geometric ρ = [1.125^(1/3), 0.25^(1/2)] = [1.0400419, 0.5]; mask [0.6, 2] drops row 1.
         ("geometric", "truncate", None, [[1.125 ** (1 / 3)] * 3, [0.5, 0.5, 0.0]]),
-        ("geometric", "mask", 0.6, [[1.0] * 3, [0.0, 0.0, 0.0]]),
+        ("geometric", "mask", 0.6, [[1.125 ** (1 / 3)] * 3, [0.0, 0.0, 0.0]]),
     ],
 )
 def test_weights_by_hand(level, mode, lower, expected):
@@ -45,11 +45,30 @@ def test_statistics_by_hand():
     assert float(stats["mismatch_kl"]) == pytest.approx(kl)
     assert float(stats["is_weight_mean"]) == pytest.approx((2 + 0.25 + 1.5 + 0.5 + 0.5) / 5)  # over tokens
     assert float(stats["is_affected_fraction"]) == pytest.approx(1 / 5)  # only ρ = 3 > 2 was truncated
-    # Sequence level, mask [0.5, 2]: ρ = [1.125, 0.25] → w = [1, 0]; counted over the 2 responses.
+    # Sequence level, mask [0.5, 2]: ρ = [1.125, 0.25] → w = [1.125, 0]; counted over the 2 responses:
+    # mean weight (1.125 + 0)/2 = 0.5625, one response of two masked.
     weights = rollout_correction_weights(OLD, ROLLOUT, MASK, level="sequence", mode="mask")
     stats = rollout_mismatch_stats(OLD, ROLLOUT, MASK, weights, level="sequence", mode="mask")
-    assert float(stats["is_weight_mean"]) == 0.5 and float(stats["is_affected_fraction"]) == 0.5
+    assert float(stats["is_weight_mean"]) == pytest.approx(0.5625) and float(stats["is_affected_fraction"]) == 0.5
     assert float(stats["mismatch_kl"]) == pytest.approx(kl)  # per token whatever the level
+
+
+@pytest.mark.parametrize(
+    "level, old",
+    [
+        ("token", [[0.5, 0.5]]),  # ρ_t = e^0.5 on each token
+        ("sequence", [[0.25, 0.25]]),  # Σδ = 0.25 + 0.25 = 0.5
+        ("geometric", [[0.75, 0.25]]),  # mean δ = (0.75 + 0.25)/2 = 0.5
+    ],
+)
+def test_the_mask_keeps_the_importance_weight_inside_the_band(level, old):
+    # Engine log-probs 0, band [0.5, 2]: ρ = e^0.5 = 1.6487213 lies inside, so w = ρ (MIS / IcePop, TRL
+    # token/sequence_mask, verl IS × rejection mask), not 1 (the rejection mask alone).
+    old = torch.tensor(old, dtype=torch.float64)
+    weights = rollout_correction_weights(old, torch.zeros_like(old), torch.ones(1, 2), level=level, mode="mask", upper=2.0)
+    torch.testing.assert_close(weights, torch.full((1, 2), 1.6487212707001282, dtype=torch.float64))
+    stats = rollout_mismatch_stats(old, torch.zeros_like(old), torch.ones(1, 2), weights, level=level, mode="mask")
+    assert float(stats["is_weight_mean"]) == pytest.approx(1.6487212707001282) and float(stats["is_affected_fraction"]) == 0
 
 
 def test_an_empty_batch_measures_nothing_and_bad_settings_are_rejected():

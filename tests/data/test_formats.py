@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 from make_fixtures import MATH, SOLUTIONS, compress_tests
 
+from archer.data.formats import schema_of
 from archer.data.rows import BadRowError, RowFields, lookup, read_rows
 from archer.rewards import CodeReward
 
@@ -38,6 +39,21 @@ def test_deepscaler_json_array_and_its_element_numbers(fixture_files, tmp_path):
     broken.write_text('[\n{"problem": "x", "answer": "1"},\n{"problem": \n')
     with pytest.raises(BadRowError, match=rf"^{broken}:4:<json>: broken JSON array"):
         read_rows(broken)
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_record(tmp_path):
+    # Windows editors and some exporters start UTF-8 text with a BOM (EF BB BF). Read as plain UTF-8,
+    # it breaks the first JSONL line (dropped silently with skip_bad_rows) and hides a JSON array's "[".
+    records = [{"prompt": "p1", "answer": "1"}, {"prompt": "p2", "answer": "2"}]
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in records).encode() + b"\n")
+    array = tmp_path / "bom.json"
+    array.write_bytes(b"\xef\xbb\xbf" + json.dumps(records, indent=1).encode())
+    for path in (jsonl, array):
+        result = read_rows(path, skip_bad_rows=True)
+        assert [(row["prompt"], row["answer"]) for row in result.rows] == [("p1", "1"), ("p2", "2")]
+        assert result.num_skipped == 0
+        assert schema_of(path) == [("prompt", "str"), ("answer", "str")]
 
 
 def test_save_to_disk_dataset_and_dataset_dict(fixture_files):

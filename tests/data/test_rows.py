@@ -1,10 +1,12 @@
 """Reading rows: every kind of bad row names file:line:field, or is a counted skip."""
 
 import json
+import logging
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from make_fixtures import MATH
 
 from archer.data.rows import BadRowError, RowFields, read_rows
 
@@ -54,6 +56,37 @@ def test_custom_field_names_become_canonical_keys_and_extra_fields_are_kept(tmp_
     rows = read_rows(path, RowFields(prompt="question", answer="solution", tests="cases")).rows
     expected = {"prompt": record["question"], "answer": "x", "tests": [{"assert": "assert 1"}], "id": 7, "data_source": "code"}
     assert rows == [expected]
+
+
+def test_a_verl_parquet_is_read_as_it_is_and_says_so_once(fixture_files, caplog):
+    # verl_math.parquet (written with pyarrow by make_fixtures): chat prompt, reward_model.ground_truth,
+    # data_source; no `answer` field, and no answer_key given.
+    path = fixture_files["verl_math.parquet"]
+    with caplog.at_level(logging.WARNING, logger="archer.data.rows"):
+        rows = read_rows(path).rows
+    assert [row["answer"] for row in rows] == [answer for _, answer in MATH]
+    assert rows[0]["prompt"] == [{"role": "user", "content": MATH[0][0]}] and rows[0]["data_source"] == "toy_math"
+    assert rows[0]["reward_model"]["style"] == "rule"  # the container is kept, as with the key given
+    notes = [record.getMessage() for record in caplog.records]
+    assert len(notes) == 1 and str(path) in notes[0] and "reward_model.ground_truth" in notes[0]
+
+
+def test_the_verl_fallback_yields_to_an_answer_field_and_to_tests_and_names_its_field(tmp_path, caplog):
+    def verl_row(ground_truth, **fields):
+        return json.dumps({"prompt": "p", "reward_model": {"ground_truth": ground_truth}, **fields})
+
+    both = write_lines(tmp_path / "both.jsonl", [verl_row("2", answer="1")])
+    with caplog.at_level(logging.WARNING, logger="archer.data.rows"):
+        assert read_rows(both).rows[0]["answer"] == "1"
+    assert not caplog.records
+    # reward_model.ground_truth read as the tests of code rows: not an answer too.
+    tests = [{"input": "1\n", "output": "1\n"}]
+    code = write_lines(tmp_path / "code.jsonl", [verl_row(json.dumps(tests))])
+    row = read_rows(code, RowFields(tests="reward_model.ground_truth")).rows[0]
+    assert "answer" not in row and row["tests"] == tests
+    listed = write_lines(tmp_path / "listed.jsonl", [verl_row(["4", "four"])])
+    with pytest.raises(BadRowError, match=rf"^{listed}:1:reward_model.ground_truth: is list, expected a string"):
+        read_rows(listed)
 
 
 def test_parquet_rows_are_numbered_from_one(tmp_path):

@@ -67,6 +67,18 @@ def test_data_convert_normalises_and_bakes_the_template(fixture_files, tmp_path,
     assert rows[1]["data_source"] == "toy_math"
 
 
+def test_data_inspect_and_convert_read_a_verl_parquet_without_answer_key(fixture_files, tmp_path, tiny_model_dir, capsys):
+    source = fixture_files["verl_math.parquet"]
+    main(["data", "inspect", str(source), "--model", tiny_model_dir])
+    out = capsys.readouterr().out
+    assert "rows: 4 (0 bad skipped, 0 with tests)" in out
+    assert "answer tokens: p50 1  p90 11  p99 11  max 11" in out  # the answers of MATH, as above
+    out = tmp_path / "math.jsonl"
+    main(["data", "convert", str(source), str(out)])
+    assert "wrote 4 rows" in capsys.readouterr().out
+    assert [row["answer"] for row in read_rows(out).rows] == [answer for _, answer in MATH]
+
+
 def test_data_convert_code_rows_to_parquet_round_trip(fixture_files, tmp_path):
     fields = RowFields(prompt="question_content", tests="public_test_cases,private_test_cases")
     out = tmp_path / "lcb.parquet"

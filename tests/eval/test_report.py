@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from archer.report import load_metrics, write_report
+from archer.report import load_metrics, metric_series, write_report
 
 TRAIN_KEYS = [
     "train/reward_mean", "train/solve_rate", "train/response_length_mean", "train/response_clip_ratio",
@@ -54,6 +55,21 @@ def test_report_from_csv_logger(tmp_path: Path, caplog: pytest.LogCaptureFixture
     for path in written:
         assert path.stat().st_size > 1000
     assert 'data-token="newest"' in (tmp_path / "out" / "token_view.html").read_text()
+
+
+def test_a_resumed_run_s_versions_are_read_in_number_order_the_later_winning(tmp_path: Path) -> None:
+    # version_2 logged steps 0-3; the run resumed from step 2 into version_10 (steps 2-4). version_2's
+    # file is the newest on disk (a copy, a touch): the versions are still read by number, all of them,
+    # and version_10's values win at steps 2 and 3.
+    run_dir = tmp_path / "run"
+    for version, steps in ((2, range(4)), (10, range(2, 5))):
+        logger = CSVLogger(tmp_path, name="run", version=version)
+        for step in steps:
+            logger.log_metrics({"train/reward_mean": version + step / 10}, step=step)
+        logger.save()
+    os.utime(run_dir / "version_2" / "metrics.csv", (2e9, 2e9))
+    series = metric_series(load_metrics(run_dir), "train/reward_mean")
+    assert series.to_dict() == {0: 2.0, 1: 2.1, 2: 10.2, 3: 10.3, 4: 10.4}
 
 
 def test_report_from_tensorboard(tmp_path: Path) -> None:
