@@ -30,6 +30,7 @@ Nothing here imports Lightning: the strategy's specifics come in as small object
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -66,6 +67,9 @@ class UpdateResult:
     first_entropy: tuple[Tensor, Tensor] | None
     """The per-token entropies ``[B, R]`` of the first micro-batch this rank computed in the step, and
     its rows ``[B]`` (the token view's samples); None when this rank computed no row."""
+    old_logprob: Tensor | None
+    """``[N, R]`` π_old taken from the update's own forward (detached), when the experience left it to
+    the update (an on-policy step, :func:`archer.experience.old_logprob_pass_reason`); else None."""
 
 
 class Actor:
@@ -109,6 +113,8 @@ class Actor:
         self.backward = backward or Tensor.backward
         self.rank = rank
         self._computed_tokens = Ratio.of(0, 0)
+        self.forward_passes: Counter[str] = Counter()
+        """Forward passes run per model (``actor``, ``reference``), rollouts excluded; the caller resets it."""
 
     @property
     def world_size(self) -> int:
@@ -121,6 +127,7 @@ class Actor:
 
     # ------------------------------------------------------------------------------- log-probs
     def _forward(self, model: nn.Module, mb: RolloutBatch, *, entropy_grad: bool = False) -> tuple[Tensor, Tensor]:
+        self.forward_passes["reference" if model is self.reference else "actor"] += 1
         logprob, entropy, computed = response_logprobs(
             model, mb, self.temperature, packed=self.packed, chunk_size=self.config.logprob_chunk_size,
             entropy_grad=entropy_grad,
@@ -185,9 +192,11 @@ class Actor:
         self.pop_computed_tokens()
         stats, taken, empty, nonfinite = no_stats(), 0, 0, 0
         first_entropy = None
+        # π_old left to the update (one optimizer step): each row's detached log-probs, as computed.
+        captured = None if exp.old_logprob is not None else torch.zeros_like(exp.advantages)
         for k, micro_batches in enumerate(plan):
             optimizer.zero_grad(set_to_none=True)
-            outcome = self._accumulate_gradients(exp, micro_batches, seed=seeds("minibatch", step, k))
+            outcome = self._accumulate_gradients(exp, micro_batches, seed=seeds("minibatch", step, k), captured=captured)
             if outcome is None:
                 empty += 1
             elif outcome["finite"]:
@@ -201,7 +210,7 @@ class Actor:
                 first_entropy = outcome["first_entropy"]
             (last_step if last_step is not None and k == len(plan) - 1 else optimizer.step)()
         optimizer.zero_grad(set_to_none=True)
-        return UpdateResult(stats, taken, empty, nonfinite, self.pop_computed_tokens(), first_entropy)
+        return UpdateResult(stats, taken, empty, nonfinite, self.pop_computed_tokens(), first_entropy, captured)
 
     def plan(self, exp: Experience, seeds: Seeds, step: int) -> list[list[Tensor]]:
         """This rank's micro-batches for each optimizer step of the RL step (:func:`plan_update`)."""
@@ -216,8 +225,12 @@ class Actor:
             max_sequences=self.config.micro_batch_size, max_tokens=self.config.micro_batch_tokens, packed=self.packed,
         )
 
-    def _accumulate_gradients(self, exp: Experience, micro_batches: list[Tensor], *, seed: int) -> dict | None:
+    def _accumulate_gradients(self, exp: Experience, micro_batches: list[Tensor], *, seed: int,
+                              captured: Tensor | None = None) -> dict | None:
         """Forward/backward over the micro-batches of one optimizer step, then clip the gradient norm.
+
+        Without ``exp.old_logprob`` (on-policy), π_old is the forward's own detached log-probs (the
+        ratio is exactly 1, its gradient that of the policy gradient), written into ``captured``.
 
         Returns None when the mini-batch has no valid token on any rank (nothing to learn: skip the
         step), else ``{"finite": bool, "stats": {key: Ratio}, "first_entropy": ...}`` — ``finite`` is
@@ -249,9 +262,13 @@ class Actor:
                     positions, r = slice(start, start + len(micro)), mb.response_ids.shape[1]
                     if forward:  # type tokens with the entropies the context counted (keeping any gradient)
                         entropy = forward["entropy"][positions, :r] + (entropy - entropy.detach())
+                    if captured is None:
+                        old_logprob = exp.old_logprob[micro, :r]
+                    else:
+                        old_logprob = captured[micro, :r] = logprob.detach()
                     loss, loss_stats = loss_fn(
                         logprob,
-                        exp.old_logprob[micro, :r],
+                        old_logprob,
                         None if exp.ref_logprob is None else exp.ref_logprob[micro, :r],
                         exp.advantages[micro, :r],
                         entropy,

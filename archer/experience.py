@@ -13,6 +13,13 @@ the update reads::
 The formulas are in :mod:`archer.algorithms`; this module only sequences them. The micro-batch plan
 of the no-grad passes is defined over every rank's rows (one all-gather of their lengths), so all
 ranks run the same number of forward passes.
+
+**On-policy steps skip the π_old pass.** When the update is one optimizer step (one PPO epoch, one
+mini-batch) right after a synchronous rollout, π_old equals the update forward's own log-probs,
+detached (TRL with ``num_iterations=1`` and verl do the same): the experience leaves ``old_logprob``
+to the update, and :meth:`ExperienceMaker.complete` adds what depends on it (the engine–trainer
+mismatch statistics) afterwards. Anything that reads π_old *before* the update forces the pass:
+:func:`old_logprob_pass_reason` lists the rule.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from archer.rollout.batch import RolloutBatch, collate_rollout
 from archer.sampling import ScoredGroups
 from archer.shaping import AdvantageShaping
 
-__all__ = ["Experience", "ExperienceMaker"]
+__all__ = ["Experience", "ExperienceMaker", "old_logprob_pass_reason"]
 
 
 @dataclass
@@ -49,8 +56,9 @@ class Experience:
     """The padded rollout (on the CPU); groups dynamic sampling dropped are masked out of ``response_mask``."""
     response_lengths: Tensor
     """``[N]`` response lengths, dropped groups included."""
-    old_logprob: Tensor
-    """``[N, R]`` π_old, the trainer's log-probs before the update."""
+    old_logprob: Tensor | None
+    """``[N, R]`` π_old, the trainer's log-probs before the update; None on an on-policy step until the
+    update has computed them (:meth:`ExperienceMaker.complete`)."""
     ref_logprob: Tensor | None
     """``[N, R]`` the frozen reference's log-probs (None when nothing needs them)."""
     advantages: Tensor
@@ -81,13 +89,15 @@ class ExperienceMaker:
             ``rollout_correction.apply: auto`` leaves the weights off.
         behaviour_ratio: The ratio's denominator is the engine's μ itself (asynchronous
             ``off_policy: behaviour``): no π_old pass and no correction weights.
+        old_logprob_from_update: The step is on-policy (:func:`old_logprob_pass_reason` returned
+            None): leave π_old to the update's own forward.
     """
 
     def __init__(
         self, actor, *, pad_token_id: int, max_new_tokens: int, advantage: AdvantageEstimator,
         advantage_shaping: list[AdvantageShaping], overlong: OverlongConfig | None,
         kl_in_reward: KLRewardConfig | None, rollout_correction: RolloutCorrectionConfig,
-        engine_matches_trainer: bool, behaviour_ratio: bool,
+        engine_matches_trainer: bool, behaviour_ratio: bool, old_logprob_from_update: bool = False,
     ) -> None:
         self.actor = actor
         self.pad_token_id = pad_token_id
@@ -99,6 +109,7 @@ class ExperienceMaker:
         self.rollout_correction = rollout_correction
         self.engine_matches_trainer = engine_matches_trainer
         self.behaviour_ratio = behaviour_ratio
+        self.old_logprob_from_update = old_logprob_from_update
 
     def make(self, scored: ScoredGroups) -> Experience:
         """The update's inputs: padded rollout, old and reference log-probs, rewards → advantages, and
@@ -116,6 +127,8 @@ class ExperienceMaker:
                              packed=actor.packed)
         if self.behaviour_ratio:  # the ratio's denominator is the engine's μ itself: nothing to recompute
             old_logprob = rollout.engine_logprobs.to(device) * mask
+        elif self.old_logprob_from_update:  # on-policy: the update's own forward gives it
+            old_logprob = None
         else:
             old_logprob = actor.logprobs(rollout, passes)[0]
         ref_logprob = None if actor.reference is None else actor.logprobs(rollout, passes, reference=True)[0]
@@ -134,8 +147,17 @@ class ExperienceMaker:
         advantages = advantages[:, None].expand_as(mask).contiguous()  # [N, R]
         for shaping in self.advantage_shaping:
             advantages = shaping(advantages, old_logprob, mask, n)
-        pg_weight, mismatch = self._correction(rollout, old_logprob, mask)
+        pg_weight, mismatch = (None, {}) if old_logprob is None else self._correction(rollout, old_logprob, mask)
         return Experience(rollout, response_lengths, old_logprob, ref_logprob, advantages, pg_weight, mismatch, ranks)
+
+    def complete(self, exp: Experience, old_logprob: Tensor | None) -> None:
+        """After an on-policy update: record π_old (the update forward's, detached) in ``exp`` and the
+        mismatch statistics that compare it with the engine's log-probs. A no-op on other steps."""
+        if exp.old_logprob is not None or old_logprob is None:
+            return
+        exp.old_logprob = old_logprob
+        weights, exp.mismatch = self._correction(exp.rollout, old_logprob, exp.rollout.response_mask.to(old_logprob.device))
+        assert weights is None, "an on-policy step never applies correction weights (old_logprob_pass_reason)"
 
     def _correction(self, rollout: RolloutBatch, old_logprob: Tensor, mask: Tensor) -> tuple[Tensor | None, dict[str, Ratio]]:
         """The rollout-correction weights (None when not applied) and the mismatch statistics (logged
@@ -160,3 +182,34 @@ class ExperienceMaker:
         response = rollout.response_mask.sum(-1).long()  # 0 for the groups dynamic sampling dropped
         local = torch.stack([prompt, response, keep.long()], -1).to(actor.device)
         return list(actor.collectives.cat(local.flatten()).view(actor.world_size, -1, 3).cpu())
+
+
+def old_logprob_pass_reason(
+    update: UpdateConfig, *, batch_size: int | None, loss, advantage_shaping: list[AdvantageShaping],
+    kl_in_reward: bool, asynchronous: bool, correction_applied: bool,
+) -> str | None:
+    """Why a step needs a separate no-grad π_old pass, or None when π_old can come from the update's
+    own forward (module docstring). The pass is needed when the weights change between the rollout
+    and a later optimizer step, or when something reads π_old before the update:
+
+    - more than one optimizer step per RL step (``ppo_epochs > 1``, or mini-batches smaller than the
+      batch of ``batch_size`` prompts): later steps need π_old of the weights before the first;
+    - asynchronous rollouts (the engine's weights lag the trainer's: π_prox is recomputed);
+    - ``kl_in_reward`` (the penalty enters the rewards, before the advantages);
+    - an advantage shaping that reads log-probs (perplexity shaping);
+    - a loss whose mini-batch context reads a pre-pass (``needs_minibatch_forward``: Clip-/KL-Cov,
+      the 80/20 batch threshold, Archer's per-type KL units);
+    - rollout-correction weights π_old / μ applied to the loss (vLLM engines).
+    """
+    single = update.mini_batch_size == 0 or (batch_size is not None and update.mini_batch_size >= batch_size)
+    reasons = [
+        (update.ppo_epochs > 1, f"update.ppo_epochs = {update.ppo_epochs}"),
+        (not single, f"update.mini_batch_size = {update.mini_batch_size} < data.batch_size = {batch_size}"),
+        (asynchronous, "asynchronous rollouts"),
+        (kl_in_reward, "model.kl_in_reward"),
+        (any(getattr(s, "uses_logprob", True) for s in advantage_shaping), "an advantage shaping reads log-probs"),
+        (loss.needs_minibatch_forward, f"{type(loss).__name__} reads a mini-batch pre-pass"),
+        (correction_applied, "rollout-correction weights π_old / μ (model.rollout_correction)"),
+    ]
+    found = [text for needed, text in reasons if needed]
+    return "; ".join(found) if found else None

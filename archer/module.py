@@ -27,6 +27,7 @@ import lightning as L
 import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoTokenizer
 
 from archer.actor import Actor
@@ -44,7 +45,7 @@ from archer.config import (
 from archer.data.shard import FILLER_KEY
 from archer.data.stream import STREAM_INDEX_KEY
 from archer.distributed import Collectives, DDPGradientSync, FSDP2GradientSync, GradientSync
-from archer.experience import ExperienceMaker
+from archer.experience import ExperienceMaker, old_logprob_pass_reason
 from archer.losses import ArcherLoss, PolicyLoss
 from archer.metrics import PassAtK
 from archer.models import DTYPES, fully_shard_decoder, load_causal_lm, runs_packed
@@ -257,11 +258,20 @@ class ArcherModule(L.LightningModule):
             rank=self.global_rank,
         )
         behaviour = self.async_rollout is not None and self.async_rollout.off_policy == "behaviour"
+        matches = getattr(self.rollout, "logprobs_match_trainer", False)
+        correction = self.rollout_correction.apply == "always" or (self.rollout_correction.apply == "auto" and not matches)
+        reason = old_logprob_pass_reason(
+            self.update, batch_size=getattr(self.trainer.datamodule, "batch_size", None), loss=self.loss,
+            advantage_shaping=self.advantage_shaping, kl_in_reward=self.kl_in_reward is not None,
+            asynchronous=self.async_rollout is not None, correction_applied=correction,
+        )
+        rank_zero_info("π_old: " + ("the update's own forward (an on-policy step: one PPO epoch, one mini-batch; "
+                                    "docs/scaling.md)" if reason is None else f"a separate no-grad pass ({reason})"))
         self.experience = ExperienceMaker(
             self.policy, pad_token_id=self.tokenizer.pad_token_id, max_new_tokens=self.sampling.max_new_tokens,
             advantage=self.advantage, advantage_shaping=self.advantage_shaping, overlong=self.overlong,
             kl_in_reward=self.kl_in_reward, rollout_correction=self.rollout_correction,
-            engine_matches_trainer=getattr(self.rollout, "logprobs_match_trainer", False), behaviour_ratio=behaviour,
+            engine_matches_trainer=matches, behaviour_ratio=behaviour, old_logprob_from_update=reason is None,
         )
 
     def configure_callbacks(self) -> list[L.Callback]:
@@ -304,6 +314,7 @@ class ArcherModule(L.LightningModule):
     # ------------------------------------------------------------------------------------ step
     def training_step(self, batch: list[dict], batch_idx: int) -> None:
         reset_peak_memory(self.device)
+        self.policy.forward_passes.clear()
         step, t0 = self.global_step, time.perf_counter()
         self.actor.eval()  # rollout and old log-probs without dropout
         if self._async is None:  # 1. sample n completions per prompt and score them
@@ -320,13 +331,14 @@ class ArcherModule(L.LightningModule):
         optimizer = self.optimizers()
         result = self.policy.update(exp, optimizer.optimizer, seeds=self._seeds, step=step, last_step=optimizer.step)
         self.lr_schedulers().step()  # once per RL step (verl's convention): warmup and cosine count RL steps
+        self.experience.complete(exp, result.old_logprob)  # on-policy: π_old came from the update's forward
         t3 = time.perf_counter()
         self._count_skipped(result.empty_steps, result.nonfinite_steps)  # 4. the skipped-step rules
         metrics = step_metrics(  # 5. every metric of the step, reduced over ranks
             scored, exp, result, StepTimes(t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t0, logprob_tokens),
             group_size=self.sampling.n, lr=lr, counters=self._counters, batch_index=batch[0][STREAM_INDEX_KEY],
-            dynamic_sampling=self.dynamic_sampling is not None, stale=stale, collectives=self.collectives,
-            device=self.device,
+            dynamic_sampling=self.dynamic_sampling is not None, stale=stale, forward_passes=self.policy.forward_passes,
+            collectives=self.collectives, device=self.device,
         )
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
         self.log("reward", metrics["train/reward_mean"], prog_bar=True, on_step=True, logger=False, batch_size=len(batch))

@@ -18,6 +18,9 @@ __all__ = ["AdvantageShaping", "PerplexityShaping", "PositionShaping"]
 class AdvantageShaping:
     """Base class: ``(advantages [B, T] or [B], logprob [B, T], response_mask [B, T], group_size) → [B, T]``."""
 
+    uses_logprob: bool = True
+    """Reads ``logprob`` (π_old, before the update): the step then runs a separate π_old pass."""
+
     def __call__(self, advantages: Tensor, logprob: Tensor, response_mask: Tensor, group_size: int) -> Tensor:
         raise NotImplementedError
 
@@ -44,6 +47,8 @@ class PerplexityShaping(AdvantageShaping):
 
 class PositionShaping(AdvantageShaping):
     """Position shaping (arXiv 2508.02260): ``Ã_t = A_t + sign(A_t) · β · (t/|o|)^κ``, favouring late tokens."""
+
+    uses_logprob = False
 
     def __init__(self, beta: float = 0.1, power: float = 1.0) -> None:
         """

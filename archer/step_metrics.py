@@ -17,6 +17,7 @@ All ratios and totals go in one all-reduce and one host read.
 from __future__ import annotations
 
 import resource
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,8 @@ STEP_METRICS: dict[str, tuple[str, str]] = {
     "perf/update_tokens_per_s": ("always", "real tokens per second of the update's passes"),
     "perf/tokens_per_s": ("always", "prompt + response tokens of the step per second of the whole step"),
     "perf/pad_fraction": ("always", "share of the update's computed token positions that were padding"),
+    "perf/forward_passes_actor": ("always", "forward passes of the policy model in the step (no-grad and update; rollouts excluded)"),
+    "perf/forward_passes_reference": ("always", "forward passes of the reference model in the step"),
     "perf/peak_memory_gb": ("always", "peak memory of the step (GPU), or the process's peak RSS (CPU); max over ranks"),
     "rollout/batch_index": ("always", "index of the prompt batch in the stream"),
     "rollout/extra_batches": ("dynamic sampling", "refill batches rolled out"),
@@ -109,7 +112,7 @@ class StepTimes:
 def step_metrics(
     scored: ScoredGroups, exp: Experience, update: UpdateResult, times: StepTimes, *, group_size: int, lr: float,
     counters: dict[str, int], batch_index: int, dynamic_sampling: bool, stale: StalenessReport | None,
-    collectives: Collectives, device: torch.device,
+    forward_passes: Mapping[str, int], collectives: Collectives, device: torch.device,
 ) -> dict[str, float]:
     """The step's values of :data:`STEP_METRICS` (those its settings produce), the same on every rank."""
     n, scores, keep = group_size, scored.scores, scored.keep
@@ -154,6 +157,9 @@ def step_metrics(
         "time/update_s": times.update,
         "perf/tokens_per_s": metrics.pop("perf/tokens") / times.total,
         "rollout/batch_index": float(batch_index),
+        # The same on every rank: ranks run their passes in lockstep.
+        "perf/forward_passes_actor": float(forward_passes.get("actor", 0)),
+        "perf/forward_passes_reference": float(forward_passes.get("reference", 0)),
     })
     if stale is not None:
         metrics.update({"time/trainer_idle_s": stale.trainer_idle_s, "time/producer_idle_s": stale.producer_idle_s})

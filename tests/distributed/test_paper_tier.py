@@ -102,7 +102,7 @@ def test_the_update_is_the_same_for_every_micro_batch_size(loss, tiny_model_dir,
     for size in (1, 2):
         weights, other = runs[size]
         for key in reference:
-            torch.testing.assert_close(weights[key], reference[key], rtol=0, atol=WEIGHT_ATOL, msg=f"micro {size}: {key}")
+            torch.testing.assert_close(weights[key], reference[key], rtol=0, atol=WEIGHT_ATOL, msg=lambda m: f"micro {size}: {key} {m}")
         columns = [c for c in stats.columns if c.startswith("train/")]
         assert "train/pg_loss" in columns and "train/clipfrac" in columns
         for column in columns:  # every loss statistic, and grad_norm
