@@ -41,7 +41,7 @@ __all__ = ["ServerStartupError", "VLLMServerProcess", "free_port", "pid_alive", 
 _LIVE: weakref.WeakSet[VLLMServerProcess] = weakref.WeakSet()
 
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-"""Every HTTP call to a vLLM server goes through this opener (here and in :mod:`archer.rollout.remote`):
+"""Every HTTP call to a vLLM server goes through this opener (here and in :mod:`archer.rollout.remote.client`):
 direct connections, because an ``http_proxy`` left in the environment (clusters set one for pip)
 would otherwise reroute calls to ``127.0.0.1`` or a cluster-internal host through the proxy, which
 cannot reach them (or reaches another machine's port)."""

@@ -30,8 +30,10 @@ from rollout_reference import actor_token_logprobs, hf_greedy, max_logprob_gap
 from transformers import AutoModelForCausalLM
 
 import archer.rollout.remote as remote
+import archer.rollout.remote.files as files
 from archer.rollout import SamplingConfig, named_full_tensors
 from archer.rollout.remote import RemoteServerError, RemoteServerTimeout, RemoteVLLMEngine, WeightSyncError
+from archer.rollout.remote.client import request
 from archer.rollout.server import OPENER, free_port, process_group_alive
 from archer.tiny import build_tokenizer
 
@@ -232,13 +234,13 @@ def test_bad_tensors_are_refused_before_any_server_reads_them(cluster):
         assert not _is_paused(server)
         assert _get(server.url, "/weight_info") == {"weight_version": str(version)}
     assert _greedy(engine) == before and engine.version == version + 3
-    assert [p.name for p in engine._run_dir.iterdir()] == [f"v{version:06d}"]  # only what the servers hold
+    assert [p.name for p in engine._weights.transport.run_dir.iterdir()] == [f"v{version:06d}"]  # only what the servers hold
 
 
 def _corrupt_writes(monkeypatch) -> None:
     """The one injected fault: our writer's files are replaced by garbage after it wrote them (its
     atomic rename cannot produce a corrupt file by itself). The servers really read them and fail."""
-    write = remote.write_safetensors
+    write = files.write_safetensors
 
     def write_then_corrupt(named_tensors, folder, dtype, shapes=None):
         written = write(named_tensors, folder, dtype, shapes)
@@ -246,7 +248,7 @@ def _corrupt_writes(monkeypatch) -> None:
             path.write_bytes(b"x" * 1000)  # an 8-byte header length of 0x7878... : "header too large"
         return written
 
-    monkeypatch.setattr(remote, "write_safetensors", write_then_corrupt)
+    monkeypatch.setattr(files, "write_safetensors", write_then_corrupt)
 
 
 def test_unreadable_weights_roll_every_server_back_and_resume(cluster, monkeypatch):
@@ -266,7 +268,7 @@ def test_unreadable_weights_roll_every_server_back_and_resume(cluster, monkeypat
     assert message.count(f"rolled back to version {version}") == 2 and "DOES NOT SERVE" not in message
     out = engine.generate(PROMPTS, GREEDY)
     assert [g[0].token_ids for g in out] == before and {g[0].weight_version for g in out} == {version}
-    assert [p.name for p in engine._run_dir.iterdir()] == [f"v{version:06d}"]
+    assert [p.name for p in engine._weights.transport.run_dir.iterdir()] == [f"v{version:06d}"]
     engine.load_weights(named_full_tensors(actor))  # the next good sync goes through
     assert _greedy(engine) == hf_greedy(actor, PROMPTS, GREEDY)
 
@@ -276,7 +278,7 @@ def _server_greedy(url: str) -> tuple[list[list[int]], set]:
     out = []
     for prompt in PROMPTS:
         body = {"token_ids": prompt, "sampling_params": {"max_tokens": 12, "temperature": 0.0, "detokenize": False}}
-        out.append(remote._http(url, "POST", "/inference/v1/generate", body)["choices"][0])
+        out.append(request(url, "POST", "/inference/v1/generate", body)["choices"][0])
     return [c["token_ids"] for c in out], {span["version"] for c in out for span in c["weight_versions"]}
 
 
@@ -343,7 +345,7 @@ def test_unreachable_urls_fail_with_their_url():
 
 def test_close_stops_launched_servers_and_leaves_nothing(cluster):
     engine = cluster["untied"]
-    pgids, urls, run_dir = [s.process.pgid for s in engine.servers], [s.url for s in engine.servers], engine._run_dir
+    pgids, urls, run_dir = [s.process.pgid for s in engine.servers], [s.url for s in engine.servers], engine._weights.transport.run_dir
     engine.close()
     assert not any(process_group_alive(pgid) for pgid in pgids)
     assert not run_dir.exists()

@@ -1,4 +1,4 @@
-"""RemoteVLLMEngine / VLLMServerProcess plumbing against a stand-in HTTP server (no vLLM, fast):
+"""The remote engine's parts and VLLMServerProcess against a stand-in HTTP server (no vLLM, fast):
 direct connections despite a proxy in the environment, stale weight folders swept, and a failed
 sync resuming the servers before it drains the caller's tensors."""
 
@@ -15,8 +15,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-import archer.rollout.remote as remote
-from archer.rollout.remote import RemoteVLLMEngine, WeightSyncError, sweep_stale_weight_dirs
+import archer.rollout.remote.files as files
+from archer.rollout.remote import WeightSyncError, sweep_stale_weight_dirs
+from archer.rollout.remote.client import request
+from archer.rollout.remote.files import FilesTransport, make_run_dir
+from archer.rollout.remote.fleet import Server, ServerFleet
+from archer.rollout.remote.sync import WeightSync
 from archer.rollout.server import VLLMServerProcess, free_port
 
 
@@ -67,7 +71,7 @@ def test_server_health_and_engine_calls_bypass_an_environment_proxy(stand_in, mo
         server.wait_ready(timeout_s=5)  # through the proxy it would never answer
     finally:
         server.stop()
-    assert remote._http(url, "GET", "/health", timeout=5) == {}
+    assert request(url, "GET", "/health", timeout=5) == {}
     assert log == ["GET /health", "GET /health"]
 
 
@@ -78,7 +82,7 @@ def _dead_pid() -> int:
 
 
 def test_weight_folders_of_dead_processes_of_this_machine_are_swept(tmp_path):
-    host = remote._host_tag()
+    host = files._host_tag()
     dead = _dead_pid()
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -91,8 +95,7 @@ def test_weight_folders_of_dead_processes_of_this_machine_are_swept(tmp_path):
         }
         for folder in folders.values():
             (folder / "v000001").mkdir(parents=True)
-        engine = RemoteVLLMEngine(urls=["http://127.0.0.1:1"], transport="files", weights_dir=str(tmp_path))
-        run_dir = engine._make_run_dir()  # what setup does
+        run_dir = make_run_dir(str(tmp_path))  # what setup does
         assert run_dir.is_dir() and run_dir.name.startswith(f"archer-weights-{host}-{os.getpid()}-")
         assert not folders["dead"].exists()
         assert all(folders[name].exists() for name in ("alive", "mine", "other_machine", "unrelated"))
@@ -104,17 +107,17 @@ def test_weight_folders_of_dead_processes_of_this_machine_are_swept(tmp_path):
 
 def test_a_failed_sync_resumes_the_servers_before_draining_the_tensors(stand_in, tmp_path):
     url, log = stand_in
-    engine = RemoteVLLMEngine(urls=[url], transport="files", weights_dir=str(tmp_path), sync_timeout_s=5)
-    engine.servers = [remote._Server(url)]
-    engine._run_dir = tmp_path / "run"
-    engine._run_dir.mkdir()
-    engine._shapes = {"a": (2,), "b": (2,)}
+    fleet = ServerFleet([url], None, 1, request_timeout_s=5, sync_timeout_s=5, startup_timeout_s=5)
+    fleet.servers = [Server(url)]
+    (tmp_path / "run").mkdir()
+    lock = threading.Lock()
+    sync = WeightSync(fleet, FilesTransport(fleet, tmp_path / "run", {"a": (2,), "b": (2,)}), verify=False, tied=None, lock=lock)
 
     def pairs():
         yield "a", torch.zeros(3)  # a wrong shape: the trainer side fails before any server reads
         log.append("drained")  # the rest is iterated (other ranks' gathers) only after the resume
         yield "b", torch.zeros(2)
 
-    with engine._sync_lock, pytest.raises(WeightSyncError, match="should have shape"):
-        engine._sync(pairs(), version=1)
+    with lock, pytest.raises(WeightSyncError, match="should have shape"):
+        sync.push(pairs(), version=1)
     assert log == ["POST /pause", "POST /resume", "drained"]
