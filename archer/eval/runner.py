@@ -17,22 +17,24 @@ The run, per data set:
    answers (math), elsewhere ``maj@k_omitted`` says why.
 
 The model is a Hugging Face folder, a Lightning checkpoint file, or the folder an FSDP2
-(``ModelParallelStrategy``) run saves; a checkpoint is exported to ``OUT/model`` first.
+(``ModelParallelStrategy``) run saves; a checkpoint is exported to ``OUT/model`` first
+(:mod:`archer.eval.model`). It is sampled through a training rollout engine
+(:mod:`archer.eval.engines`), closed at the end, as are the reward worker processes, whether the
+eval ends or fails.
 
 Resume: ``OUT/eval_config.json`` holds what determines the samples (model, files, n, sampling,
 seed, chunking, prompts, reward); a rerun with the same settings keeps the complete chunks of
 ``samples.jsonl``, drops a partial one, and samples only what is missing. Since each chunk's
 seed is fixed, the final figures equal those of an uninterrupted run (exactly with HF on CPU).
 A rerun with different settings is refused (use another ``--out``). Changing only ``k`` is
-allowed: it needs no new samples.
+allowed: it needs no new samples. A checkpoint saved again since its export (same path, other
+files) is exported again and the eval starts over, with a notice.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,20 +43,22 @@ from typing import Any
 from archer.data.datamodule import render_prompt
 from archer.data.rows import RowFields, read_rows
 from archer.eval.config import PAPER_SAMPLING, EvalConfig
-from archer.eval.engines import Sampler, build_sampler, resolve_engine
+from archer.eval.engines import build_engine, resolve_engine
+from archer.eval.model import model_label, prepare_model
 from archer.eval.records import SampleRecord, append_records, load_records, rewrite_records
 from archer.eval.results import dataset_results, write_results
-from archer.export import export_checkpoint, is_distributed_checkpoint
 from archer.rewards import CodeReward, MathReward, Reward, RewardRunner
-from archer.rollout import SamplingConfig
+from archer.rollout import RolloutEngine, SamplingConfig
 from archer.seeding import derive_seed
 
-__all__ = ["evaluate", "prepare_model", "chunk_seed", "model_label"]
+__all__ = ["evaluate", "chunk_seed"]
 
 SAMPLES_FILE = "samples.jsonl"
 CONFIG_FILE = "eval_config.json"
 REWARD_ERRORS_FILE = "reward_errors.json"
 """Per data set and chunk: reward errors and timeouts (their responses scored 0), first messages."""
+SAMPLED_FILES = (CONFIG_FILE, SAMPLES_FILE, REWARD_ERRORS_FILE, "results.json", "results.md")
+"""What an eval writes from its model: removed when the checkpoint changed since its export."""
 
 
 def chunk_seed(seed: int, dataset: str, chunk: int) -> int:
@@ -62,41 +66,6 @@ def chunk_seed(seed: int, dataset: str, chunk: int) -> int:
     (:func:`archer.seeding.derive_seed`), so no two chunks, data sets or base seeds share a stream
     (sums of multiples collide), and a resumed eval gives a chunk the seed it had before."""
     return derive_seed("eval-chunk", seed, dataset, chunk)
-
-
-def prepare_model(model: str, out_dir: Path) -> Path:
-    """The HF folder to sample from: ``model`` itself, or a Lightning checkpoint — a ``.ckpt`` file, or
-    the folder FSDP2 (``ModelParallelStrategy``) saves by default — exported to ``OUT/model``."""
-    path = Path(model)
-    target = out_dir / "model"
-    if path.is_file() or is_distributed_checkpoint(path):
-        if (target / "config.json").is_file():  # exported by an earlier run of this eval
-            return target
-        # Exported under a temporary name, renamed when complete: a kill midway must not leave an
-        # OUT/model with a config.json and missing weights that the next run would take as done.
-        partial = out_dir / "model.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        export_checkpoint(path, partial)  # a file, or a sharded folder (only its actor's tensors are read)
-        shutil.rmtree(target, ignore_errors=True)  # a torn export of an older version of this code
-        os.replace(partial, target)
-        return target
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{model}: neither a Hugging Face model folder (config.json), nor a Lightning checkpoint file (.ckpt), "
-            "nor a sharded (FSDP2) checkpoint folder (.metadata)"
-        )
-    return path
-
-
-def model_label(model: str) -> str:
-    """A short name for ``model`` in ``results.md``: the folder's name, and for a checkpoint its parent's
-    parent too (``archer_math_1.5b/last.ckpt``: every run's checkpoint is ``checkpoints/last.ckpt``)."""
-    path = Path(model).resolve()
-    name = path.name or str(path)  # "/" has no name
-    checkpoint = path.suffix == ".ckpt" or path.is_file() or is_distributed_checkpoint(path)
-    if checkpoint and path.parent.parent.name:
-        name = f"{path.parent.parent.name}/{name}"
-    return name or "model"
 
 
 @dataclass
@@ -207,15 +176,18 @@ def _settings(config: EvalConfig, engine: str, datasets: list[_Dataset]) -> dict
     }
 
 
-def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
+def _check_settings(out_dir: Path, settings: dict[str, Any], *, only_given: bool = False) -> None:
+    """Refuse ``out_dir`` if it holds an eval whose recorded settings differ from ``settings`` (in
+    the keys ``settings`` has, with ``only_given``); record them if it holds none (not with ``only_given``)."""
     path = out_dir / CONFIG_FILE
     if path.exists():
         before = json.loads(path.read_text())
-        if before != settings:
-            differ = sorted(key for key in settings.keys() | before.keys() if before.get(key) != settings.get(key))
+        keys = settings.keys() if only_given else settings.keys() | before.keys()
+        differ = sorted(key for key in keys if before.get(key) != settings.get(key))
+        if differ:
             raise ValueError(f"{out_dir} holds samples of a different eval (differs in: {differ}); "
                              "use another --out, or remove it to start over")
-    else:
+    elif not only_given:
         path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
@@ -247,13 +219,13 @@ def _save_reward_errors(out_dir: Path, errors: dict[str, dict[str, dict[str, Any
 
 
 def _sample_chunk(
-    d: _Dataset, chunk: int, config: EvalConfig, sampler: Sampler, runner: RewardRunner, tokenizer: Any
+    d: _Dataset, chunk: int, config: EvalConfig, engine: RolloutEngine, runner: RewardRunner, tokenizer: Any
 ) -> tuple[list[SampleRecord], dict[str, Any]]:
     """The chunk's records, and what went wrong grading it (errors, timeouts, first messages)."""
     start = chunk * config.chunk_size
     problems = range(start, min(start + config.chunk_size, len(d.rows)))
     sampling = SamplingConfig(**{**vars(d.sampling), "seed": chunk_seed(config.seed, d.name, chunk)})
-    groups = sampler.generate([d.prompt_ids[i] for i in problems], sampling)
+    groups = engine.generate([d.prompt_ids[i] for i in problems], sampling)
     completions = [c for group in groups for c in group]
     rows = [d.rows[i] for i in problems for _ in range(config.n)]
     texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
@@ -331,11 +303,13 @@ def evaluate(config: EvalConfig) -> dict[str, dict[str, Any]]:
         raise ValueError(f"chunk_size must be >= 1, got {config.chunk_size}")
     out_dir = Path(config.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_dir = prepare_model(config.model, out_dir)
+    # An OUT of another model is refused before its export could be replaced by this model's.
+    _check_settings(out_dir, {"model": str(Path(config.model).resolve())}, only_given=True)
+    model_dir = prepare_model(config.model, out_dir, outputs=SAMPLED_FILES)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     datasets = _load_datasets(config, tokenizer)
-    engine = resolve_engine(config.engine)
-    _check_settings(out_dir, _settings(config, engine, datasets))
+    engine_name = resolve_engine(config.engine)
+    _check_settings(out_dir, _settings(config, engine_name, datasets))
 
     samples_path = out_dir / SAMPLES_FILE
     records = load_records(samples_path)
@@ -346,15 +320,20 @@ def evaluate(config: EvalConfig) -> dict[str, dict[str, Any]]:
     todo = [(d, chunk) for d in datasets for chunk in range(-(-len(d.rows) // config.chunk_size))
             if (d.name, chunk) not in done]
     if todo:
-        # Reward workers are forked before the engine starts its threads (see RewardRunner).
-        runners = {id(d.reward): RewardRunner(d.reward, timeout_s=config.reward_timeout_s,
-                                              num_workers=config.reward_workers) for d in datasets}
-        sampler = build_sampler(engine, model_dir, tokenizer, dtype=config.dtype, hf_batch_size=config.hf_batch_size,
-                                vllm_kwargs=config.vllm, data_parallel_size=config.data_parallel_size)
         reward_errors = _load_reward_errors(out_dir)
+        runners: dict[int, RewardRunner] = {}
+        engine = None
         try:
+            # Reward workers are forked before the engine starts its threads (see RewardRunner).
+            for d in datasets:
+                if id(d.reward) not in runners:
+                    runners[id(d.reward)] = RewardRunner(d.reward, timeout_s=config.reward_timeout_s,
+                                                         num_workers=config.reward_workers)
+            engine = build_engine(engine_name, model_dir, tokenizer, dtype=config.dtype,
+                                  hf_batch_size=config.hf_batch_size, vllm_kwargs=config.vllm,
+                                  data_parallel_size=config.data_parallel_size)
             for d, chunk in todo:
-                chunk_records, report = _sample_chunk(d, chunk, config, sampler, runners[id(d.reward)], tokenizer)
+                chunk_records, report = _sample_chunk(d, chunk, config, engine, runners[id(d.reward)], tokenizer)
                 # Counted before the records are appended: a chunk on disk always has its count (a kill
                 # in between leaves an incomplete chunk, redone, and its count rewritten).
                 reward_errors.setdefault(d.name, {})[str(chunk)] = report
@@ -363,7 +342,8 @@ def evaluate(config: EvalConfig) -> dict[str, dict[str, Any]]:
                 print(f"[archer eval] {d.name}: chunk {chunk + 1}/{-(-len(d.rows) // config.chunk_size)} done",
                       file=sys.stderr)
         finally:
-            sampler.close()
+            if engine is not None:
+                engine.close()
             for runner in runners.values():
                 runner.close()
 

@@ -1,12 +1,21 @@
 """The rollout protocol: prompts in, ``n`` sampled completions per prompt out.
 
-An engine is anything with ``setup``, ``generate`` and ``load_weights``; an optional class attribute
-``logprobs_match_trainer`` (default False) says that its log-probs are the trainer's own, so no
-rollout correction is needed. ``HFEngine`` samples with
-the live actor (``transformers.generate``); ``VLLMEngine`` runs vLLM's offline engine colocated in
-the training process and receives the actor's weights in place after each optimizer step;
-``RemoteVLLMEngine`` samples from vLLM servers over HTTP and pushes the weights to them.
-Users plug their own engine with ``model.rollout.class_path`` in YAML.
+An engine is anything with ``setup``, ``generate`` and ``load_weights``. Two optional members:
+
+* the class attribute ``logprobs_match_trainer`` (default False) says that its log-probs are the
+  trainer's own, so no rollout correction is needed;
+* ``close()`` releases what the engine holds (a loaded model, vLLM's engine, worker processes,
+  servers); the engine is not used after it. Callers that are done with an engine call it where
+  it exists (``getattr(engine, "close", None)``). It is left out of :class:`RolloutEngine` so that
+  an engine without it still satisfies the protocol (YAML ``class_path`` checks it).
+
+``HFEngine`` samples with the live actor (``transformers.generate``), or with a model it loads
+from the folder when there is no actor (``archer eval``); ``VLLMEngine`` runs vLLM's offline engine
+in the process and receives the actor's weights in place after each optimizer step;
+``DataParallelVLLMEngine`` splits each call over several ``VLLMEngine`` processes (one GPU each; it
+serves a saved folder and takes no weights); ``RemoteVLLMEngine`` samples from vLLM servers over
+HTTP and pushes the weights to them. Training and ``archer eval`` generate through the same
+engines. Users plug their own engine with ``model.rollout.class_path`` in YAML.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """``HFEngine``: rollouts sampled with the live training actor through ``transformers.generate``.
 
 The CPU default: no second copy of the weights exists, so ``load_weights`` is a no-op and the
-samples always come from the current policy.
+samples always come from the current policy. Without an actor (``archer eval`` of a saved folder)
+``setup`` loads the model from ``model_path`` itself.
 
 Log-probabilities. For a response position with logits ``x`` (``[V]``), sampling temperature
 ``τ > 0`` and sampled token ``y``, the engine returns::
@@ -25,15 +26,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
+from typing import Literal
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
-from transformers import GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from archer.rollout.base import Completion, SamplingConfig
 
 __all__ = ["HFEngine"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class HFEngine:
@@ -43,25 +47,35 @@ class HFEngine:
         batch_size: Sequences (prompt × sample) generated per ``generate`` call; None does all at
             once. ``output_scores`` keeps one ``[batch, vocab]`` float32 tensor per generated
             token, so this bounds that memory: ``batch_size × max_new_tokens × vocab × 4`` bytes.
+        dtype: Weight dtype of the model ``setup`` loads when it is given no actor (``auto``:
+            bfloat16 on GPU, float32 on CPU); unused with a live actor.
     """
 
     logprobs_match_trainer = True
     """The samples come from the actor itself: its log-probs are the trainer's (no correction needed)."""
 
-    def __init__(self, batch_size: int | None = None) -> None:
+    def __init__(
+        self, batch_size: int | None = None, dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    ) -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"HFEngine batch_size must be >= 1 or None, got {batch_size}")
+        if dtype != "auto" and dtype not in _DTYPES:
+            raise ValueError(f"HFEngine dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
         self.batch_size = batch_size
+        self.dtype = dtype
         self.actor: nn.Module | None = None
         self.eos_token_id: int | None = None
         self.pad_token_id: int | None = None
 
     def setup(self, actor: nn.Module | None, tokenizer, model_path: str) -> None:
-        """Bind to the actor; ``model_path`` is unused (the actor already holds the weights)."""
-        if actor is None:
-            raise ValueError("HFEngine samples with a live actor; setup needs one (load the model from model_path first)")
+        """Bind to the actor; with ``actor=None``, load the model from ``model_path`` (on GPU 0 when
+        there is one, in ``dtype``) and sample with it."""
         if tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer from {model_path!r} has no eos_token_id; HFEngine needs one to stop")
+        if actor is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            dtype = _DTYPES.get(self.dtype, torch.bfloat16 if device == "cuda" else torch.float32)
+            actor = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
         self.actor = actor
         self.eos_token_id = tokenizer.eos_token_id
         # Left padding only needs some id the attention mask hides; EOS serves if there is no pad.
@@ -69,6 +83,10 @@ class HFEngine:
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """No-op: the engine samples with the actor's own parameters."""
+
+    def close(self) -> None:
+        """Drop the model (the one ``setup`` loaded is then freed; a live actor is only unbound)."""
+        self.actor = None
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
         """Return ``sampling.n`` completions for each prompt (outer list aligned with the prompts)."""

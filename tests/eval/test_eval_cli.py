@@ -1,5 +1,6 @@
 """``archer eval`` end to end on the tiny model: three files whose figures match the per-sample
-records, exact resume after a kill, the config-file form, and the vLLM engine."""
+records, exact resume after a kill, the config-file form, and the vLLM engine (one, or two
+data-parallel processes)."""
 
 import json
 import math
@@ -180,3 +181,7 @@ def test_vllm_engine_eval_and_resume(tiny_model_dir, bench, tmp_path):
     (tmp_path / "b" / "samples.jsonl").write_text("".join(lines[:8]))
     main([*args, "--out", str(tmp_path / "b")])
     assert (tmp_path / "b" / "samples.jsonl").read_text() == (tmp_path / "a" / "samples.jsonl").read_text()
+    # two engine processes, each with a part of every chunk: the samples of one engine
+    main([*args, "--data-parallel-size", "2", "--out", str(tmp_path / "c")])
+    assert (tmp_path / "c" / "samples.jsonl").read_text() == (tmp_path / "a" / "samples.jsonl").read_text()
+    assert (tmp_path / "c" / "results.json").read_text() == (tmp_path / "a" / "results.json").read_text()

@@ -1,20 +1,26 @@
 """``archer eval`` internals: records with line-separator characters, chunk seeds, reward settings
-that have no ``__dict__``, refused k, sharded checkpoint folders, reward errors in the results."""
+that have no ``__dict__``, refused k, sharded checkpoint folders, reward errors in the results,
+samples that are the training engine's, a checkpoint saved again, no worker left behind."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import re
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from archer.data.datamodule import render_prompt
 from archer.eval import EvalConfig, evaluate
+from archer.eval.model import model_label, prepare_model
 from archer.eval.records import SampleRecord, append_records, load_records
-from archer.eval.runner import _describe, chunk_seed, model_label, prepare_model
+from archer.eval.runner import _describe, chunk_seed
+from archer.rollout import HFEngine, SamplingConfig
 
 
 def test_records_keep_unicode_line_separators_inside_responses(tmp_path):
@@ -155,3 +161,98 @@ def test_reward_errors_are_counted_and_maj_at_k_omission_stated(tmp_path, tiny_m
     table = (tmp_path / "out" / "results.md").read_text()
     assert f"m {results['m']['reward_errors']} errors / 0 timeouts" in table
     assert "maj@k not reported for: c (code data set" in table
+
+
+ROWS = [{"prompt": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(3)]
+
+
+@pytest.fixture
+def toy_data(tmp_path) -> Path:
+    data = tmp_path / "toy.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    return data
+
+
+def _config(model, data: dict, out: Path) -> EvalConfig:
+    return EvalConfig(model=str(model), data={name: str(file) for name, file in data.items()}, out=str(out), n=2,
+                      k=[1], engine="hf", max_new_tokens=8, chunk_size=2, reward_workers=1, num_bootstrap=10)
+
+
+def _samples(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "samples.jsonl").read_bytes().split(b"\n")[:-1]]
+
+
+def test_samples_are_the_training_engines_completions_with_chunk_seeds(tmp_path, tiny_model_dir, toy_data):
+    evaluate(_config(tiny_model_dir, {"toy": toy_data}, tmp_path / "out"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    engine = HFEngine()
+    engine.setup(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, tiny_model_dir)
+    prompts = [render_prompt(row["prompt"], tokenizer, apply_chat_template=True, system_prompt=None)[1] for row in ROWS]
+    expected = []
+    for chunk, start in enumerate(range(0, len(ROWS), 2)):  # the paper's math sampling, one seed per chunk
+        sampling = SamplingConfig(n=2, temperature=0.6, top_p=0.95, max_new_tokens=8, seed=chunk_seed(0, "toy", chunk))
+        expected += [c for group in engine.generate(prompts[start : start + 2], sampling) for c in group]
+    samples = _samples(tmp_path / "out")
+    assert [s["response"] for s in samples] == tokenizer.batch_decode([c.token_ids for c in expected],
+                                                                      skip_special_tokens=True)
+    assert [(s["length"], s["truncated"]) for s in samples] == [(len(c.token_ids), c.finish_reason == "length")
+                                                                 for c in expected]
+
+
+def _save_checkpoint(path: Path, model_dir: str, seed: int) -> None:
+    """A single-file checkpoint of the module's layout: the tiny model's weights, perturbed by ``seed``."""
+    actor = AutoModelForCausalLM.from_pretrained(model_dir)
+    generator = torch.Generator().manual_seed(seed)
+    state = {f"actor.{k}": v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in actor.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": state, "hyper_parameters": {"model_path": model_dir}}, path)
+
+
+def test_a_checkpoint_saved_again_is_exported_again_and_sampled_afresh(tmp_path, tiny_model_dir, toy_data, capsys):
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "out"
+    _save_checkpoint(ckpt, tiny_model_dir, seed=0)
+    evaluate(_config(ckpt, {"toy": toy_data}, out))
+    first = (out / "samples.jsonl").read_text()
+    capsys.readouterr()
+    evaluate(_config(ckpt, {"toy": toy_data}, out))  # unchanged: the export and the samples are reused
+    assert "chunk" not in capsys.readouterr().err
+    assert (out / "samples.jsonl").read_text() == first
+
+    _save_checkpoint(ckpt, tiny_model_dir, seed=1)  # training went on and saved last.ckpt again
+    evaluate(_config(ckpt, {"toy": toy_data}, out))
+    notices = [line for line in capsys.readouterr().err.splitlines() if "exporting it again" in line]
+    assert notices == [f"[archer eval] {ckpt} is not the checkpoint {out / 'model'} was exported from (its files' "
+                       f"sizes or modification times changed): exporting it again; the samples and results of the "
+                       f"old one in {out} are removed"]
+    evaluate(_config(ckpt, {"toy": toy_data}, tmp_path / "fresh"))
+    assert (out / "samples.jsonl").read_text() == (tmp_path / "fresh" / "samples.jsonl").read_text() != first
+    assert (out / "results.json").read_text() == (tmp_path / "fresh" / "results.json").read_text()
+    # an OUT of another checkpoint is refused before anything in it is replaced
+    other = tmp_path / "other.ckpt"
+    shutil.copy(ckpt, other)
+    with pytest.raises(ValueError, match=r"differs in: \['model'\]"):
+        evaluate(_config(other, {"toy": toy_data}, out))
+    assert (out / "samples.jsonl").read_text() == (tmp_path / "fresh" / "samples.jsonl").read_text()
+
+
+def _workers() -> set[int]:
+    return {process.pid for process in multiprocessing.active_children()}
+
+
+def test_no_reward_worker_is_left_when_the_engine_fails_to_build(tmp_path, tiny_model_dir, toy_data):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")  # the tokenizer still loads
+    before = _workers()
+    config = _config(broken, {"toy": toy_data}, tmp_path / "out")
+    config.reward_workers = 2
+    with pytest.raises(Exception, match="(?i)safetensors|header"):
+        evaluate(config)
+    assert _workers() <= before
+
+
+def test_data_sets_sharing_a_reward_leave_no_worker_behind(tmp_path, tiny_model_dir, toy_data):
+    before = _workers()
+    evaluate(_config(tiny_model_dir, {"a": toy_data, "b": toy_data}, tmp_path / "out"))  # both MathReward()
+    assert _workers() <= before

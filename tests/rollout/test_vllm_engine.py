@@ -7,6 +7,9 @@ never rebuilt.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import lightning as L
 import pytest
 import torch
@@ -14,7 +17,9 @@ from rollout_reference import hf_greedy, max_logprob_gap
 from transformers import AutoModelForCausalLM
 
 from archer.callbacks import WeightSyncCallback
+import archer.rollout.vllm as vllm_module
 from archer.rollout import SamplingConfig, VLLMEngine, named_full_tensors
+from archer.rollout.vllm import cpu_kv_cache_bytes
 from archer.tiny import build_tokenizer
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -164,3 +169,48 @@ def test_tied_embeddings_refresh(tied, llm_constructions):
     expected_greedy = _observe_stale(actor, engine)
     engine.load_weights(named_full_tensors(actor))
     _assert_fresh(actor, engine, expected_greedy, llm_before, llm_constructions)
+
+
+GiB = 2**30
+
+
+def test_cpu_kv_cache_size_by_hand():
+    # kv = min(cap, (available - weights) / 2)
+    assert cpu_kv_cache_bytes(10 * GiB, 2 * GiB) == 4 * GiB  # (10 - 2) / 2 = 4, the cap
+    assert cpu_kv_cache_bytes(6 * GiB, 2 * GiB) == 2 * GiB  # (6 - 2) / 2 = 2
+    assert cpu_kv_cache_bytes(6 * GiB, 0, cap_bytes=GiB) == GiB  # 3 > 1
+    assert cpu_kv_cache_bytes(1000, 1) == 499  # (1000 - 1) // 2
+    with pytest.raises(ValueError, match=r"1\.00 GiB of memory available and the weights take 3\.00 GiB: no room"):
+        cpu_kv_cache_bytes(GiB, 3 * GiB)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU engine's memory sizing")
+def test_starts_on_cpu_with_less_free_memory_than_vllm_wants(tiny_model_dir, monkeypatch):
+    """Without a KV-cache size, vLLM wants 0.92 of the memory free at start and refuses otherwise;
+    another process holds memory until less is free, and the engine must start all the same."""
+    from vllm.utils.cpu_resource_utils import get_allowed_cpu_list, get_memory_node_info
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setattr(vllm_module, "CPU_KV_CACHE_CAP_BYTES", 64 * 2**20)  # keep the test's cache small
+    memory = get_memory_node_info(get_allowed_cpu_list()[0].numa_node)  # what vLLM's check reads
+    hold = int(memory.available_memory - 0.88 * memory.total_memory)
+    # Held only where it takes little (else the KV-size assertion below alone fails on the old code).
+    holder = None
+    if 0 < hold <= 2 * GiB:
+        holder = subprocess.Popen([sys.executable, "-c", f"import time; b = b'x' * {hold}; print(1, flush=True); "
+                                   "time.sleep(300)"], stdout=subprocess.PIPE)
+        assert holder.stdout.readline().strip() == b"1"
+    try:
+        engine = VLLMEngine(dtype="float32", max_model_len=128)
+        engine.setup(None, build_tokenizer(), str(tiny_model_dir))
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+    assert engine.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == 64 * 2**20
+    out = engine.generate(PROMPTS, SamplingConfig(n=2, max_new_tokens=5, seed=0))
+    assert [len(group) for group in out] == [2, 2, 2]
+    engine.close()
+    assert engine.llm is None
+    with pytest.raises(RuntimeError, match="before setup"):
+        engine.generate(PROMPTS, GREEDY)
