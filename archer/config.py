@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 
@@ -145,6 +145,11 @@ class LoraConfig:
     not offered: the reference would no longer be the base model."""
     rslora: bool = False
     """Rank-stabilised LoRA: ``s = alpha / √r``."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules of the decoder trained in full beside the adapters (peft's ``modules_to_save``: a trained
+    copy next to the frozen original), e.g. ``[model.norm]``, the final norm. Their copies are
+    checkpointed and served with the adapters, and switched off for the reference. Not the embeddings
+    or the output head."""
     reference: Literal["adapters_off", "copy"] = "adapters_off"
     """Where reference log-probs come from, when a KL term needs them: the actor itself with its
     adapters switched off (the base model; no second copy of the weights), or a separate frozen copy

@@ -41,61 +41,78 @@ def has_adapters(model: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside, ``model`` computes as its base model (every LoRA layer's adapter off).
+    """Inside, ``model`` computes as its base model: every LoRA layer's adapter off, and every module
+    trained in full beside them (``LoraConfig.modules_to_save``) back to its original.
 
     peft's switch also freezes the adapters and unfreezes them when switched back on; their
     ``requires_grad`` is kept as it was instead, both inside and after: FSDP2 gives the unsharded
     parameter it builds at a parameter's first use the ``requires_grad`` it has then, for good.
+    (transformers' ``enable_adapters`` would also leave the ``modules_to_save`` copies switched off.)
     """
     flags = [(param, param.requires_grad) for param in model.parameters()]
 
-    def restore() -> None:
+    def switch(enabled: bool) -> None:
+        for module in _adapted_modules(model).values():
+            module.enable_adapters(enabled)
         for param, flag in flags:
             param.requires_grad_(flag)
 
-    model.disable_adapters()
-    restore()
+    switch(False)
     try:
         yield model
     finally:
-        model.enable_adapters()
-        restore()
+        switch(True)
 
 
 def merged_named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """``(hf_name, full tensor)`` for every parameter of the base model, with each adapted layer's
-    weight merged: ``W' = W + s·B·A`` (float32, then ``W``'s dtype); one at a time, as
+    weight merged: ``W' = W + s·B·A`` (float32, then ``W``'s dtype), and each module trained in full
+    beside the adapters taken from its trained copy; one at a time, as
     :func:`archer.rollout.named_full_tensors` (FSDP2 shards all-gathered: every rank must iterate).
 
     The names are the base model's (``…q_proj.weight``, not ``…q_proj.base_layer.weight``); the
     adapters' own parameters are not yielded. Tied parameters come under every name.
     """
     from peft.tuners.lora import Linear as LoraLinear
-    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
 
-    layers = {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    owners = _adapted_modules(model)
     for name, param in model.named_parameters(remove_duplicate=False):
         parts = name.split(".")
-        owner = next((k for k in range(len(parts)) if ".".join(parts[:k]) in layers), None)
-        if owner is None:
+        k = next((k for k in range(len(parts)) if ".".join(parts[:k]) in owners), None)
+        if k is None:
             yield name, _full(param)
             continue
-        layer = layers[".".join(parts[:owner])]
-        if parts[owner] != "base_layer":  # the adapters' A, B
+        owner = owners[".".join(parts[:k])]
+        if isinstance(owner, ModulesToSaveWrapper):  # X.original_module.P, X.modules_to_save.<adapter>.P
+            active = "original_module" if owner.disable_adapters else f"modules_to_save.{owner.active_adapters[0]}"
+            inner = active.count(".") + 1
+            if ".".join(parts[k:k + inner]) == active:
+                yield ".".join(parts[:k] + parts[k + inner:]), _full(param)
             continue
-        if not isinstance(layer, LoraLinear) or any(layer.use_dora.get(a, False) for a in layer.active_adapters):
-            raise ValueError(f"{name}: merging is implemented for plain LoRA on linear layers, not {type(layer).__name__}")
-        if layer.merged:
+        if parts[k] != "base_layer":  # the adapters' A, B
+            continue
+        if not isinstance(owner, LoraLinear) or any(owner.use_dora.get(a, False) for a in owner.active_adapters):
+            raise ValueError(f"{name}: merging is implemented for plain LoRA on linear layers, not {type(owner).__name__}")
+        if owner.merged:
             raise ValueError(f"{name}: the adapters are already merged into the base weight (peft merge_adapter)")
         tensor = _full(param)
-        if parts[-1] == "weight" and not layer.disable_adapters:
+        if parts[-1] == "weight" and not owner.disable_adapters:
             delta = sum(
-                layer.scaling[adapter] * (_full(layer.lora_B[adapter].weight).float() @ _full(layer.lora_A[adapter].weight).float())
-                for adapter in layer.active_adapters
-                if adapter in layer.lora_A
+                owner.scaling[adapter] * (_full(owner.lora_B[adapter].weight).float() @ _full(owner.lora_A[adapter].weight).float())
+                for adapter in owner.active_adapters
+                if adapter in owner.lora_A
             )
             tensor = (tensor.float() + delta).to(tensor.dtype)
-        yield ".".join(parts[:owner] + parts[owner + 1:]), tensor
+        yield ".".join(parts[:k] + parts[k + 1:]), tensor
+
+
+def _adapted_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules peft put in ``model``, by name: LoRA layers and ``modules_to_save`` wrappers."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    return {name: module for name, module in model.named_modules() if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper))}
 
 
 def engine_tensors(actor: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

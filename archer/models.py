@@ -39,7 +39,8 @@ def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     moving to ``…proj.base_layer.weight``) and freeze everything but the adapters; returns ``model``.
 
     ``config`` maps onto ``peft.LoraConfig``: ``r``, ``lora_alpha = alpha``, ``lora_dropout = dropout``,
-    ``target_modules``, ``init_lora_weights`` (True for ``default``), ``use_rslora = rslora``, no bias.
+    ``target_modules``, ``init_lora_weights`` (True for ``default``), ``use_rslora = rslora``,
+    ``modules_to_save``, no bias.
     The adapters are float32 whatever the model's dtype: a small learning rate's steps are below
     bfloat16's resolution (peft's layers cast their input to the adapters' dtype and back).
     """
@@ -52,11 +53,25 @@ def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     peft_config = peft.LoraConfig(
         r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=config.target_modules,
         init_lora_weights=True if config.init == "default" else config.init, use_rslora=config.rslora, bias="none",
+        modules_to_save=list(config.modules_to_save) or None,
     )
     try:
         model.add_adapter(peft_config)
     except ValueError as err:  # e.g. "Target modules {...} not found in the base model"
         raise ValueError(f"model.lora: {err}") from err
+    from peft.tuners.lora import Linear
+    from peft.utils import ModulesToSaveWrapper
+
+    from archer.lora import _adapted_modules
+
+    embeddings = (model.get_input_embeddings(), model.get_output_embeddings())
+    for name, module in _adapted_modules(model).items():
+        if any(module is e for e in embeddings) or not isinstance(module, (Linear, ModulesToSaveWrapper)):
+            raise ValueError(
+                f"model.lora (target_modules = {config.target_modules!r}, modules_to_save = {config.modules_to_save!r}) "
+                f"adapts {name}: only the decoder's linear layers take adapters, and only its other modules (norms) are "
+                "trained beside them (the trainer computes log-probs from the output head's weight itself)"
+            )
     for param in model.parameters():
         if param.requires_grad:  # float32 adapters on a bfloat16 base (peft's autocast_adapter_dtype)
             param.data = param.data.float()

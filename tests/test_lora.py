@@ -62,6 +62,8 @@ def _lora_model(path, config: LoraConfig, *, b_std: float = 0.0, seed: int = 0):
             for name, param in model.named_parameters():
                 if ".lora_B." in name:
                     param.copy_(b_std * torch.randn(param.shape, generator=generator))
+                elif ".modules_to_save." in name:  # a trained norm: away from the original's ones
+                    param.mul_(1 + 10 * b_std * torch.randn(param.shape, generator=generator))
     return model.eval()
 
 
@@ -75,12 +77,15 @@ def test_at_init_the_actor_is_the_base_model_and_adapters_off_is_a_frozen_copy(t
     assert torch.equal(_logprobs(_actor(lora, None)), _logprobs(_actor(base, None)))
     assert torch.equal(_logprobs(_actor(lora, lora), reference=True), _logprobs(_actor(lora, copy), reference=True))
 
-    moved = _lora_model(tiny_model_dir, LoraConfig(r=4, alpha=8), b_std=0.05)
+    moved = _lora_model(tiny_model_dir, LoraConfig(r=4, alpha=8, modules_to_save=["model.norm"]), b_std=0.05)
     policy, reference = _logprobs(_actor(moved, moved)), _logprobs(_actor(moved, moved), reference=True)
     assert (policy - _logprobs(_actor(base, None))).abs().max() > 1e-3  # the adapters do change the policy
     assert torch.equal(reference, _logprobs(_actor(moved, copy), reference=True))
+    # switched back on after the reference pass, the trained norm copy included (transformers' own
+    # enable_adapters leaves it off)
+    assert torch.equal(_logprobs(_actor(moved, moved)), policy)
     trainable = [name for name, p in moved.named_parameters() if p.requires_grad]
-    assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
+    assert trainable and all(any(k in name for k in (".lora_A.", ".lora_B.", "norm.modules_to_save.")) for name in trainable)
     with adapters_disabled(moved):  # peft's switch would freeze them inside: FSDP2 must not see that
         assert [name for name, p in moved.named_parameters() if p.requires_grad] == trainable
 
@@ -94,12 +99,13 @@ def test_an_actor_without_adapters_cannot_be_its_own_reference(tiny_model_dir):
 @pytest.mark.parametrize("rslora", [False, True])
 def test_merged_weights_are_the_base_names_with_w_plus_scaled_ba(tmp_path, rslora):
     """Every base-model name (tied ``lm_head.weight`` too) and nothing else; adapted layers carry
-    ``W + s·B·A`` with ``s = alpha / r`` (``alpha / √r`` for rsLoRA), computed here in float64; a
-    plain model loaded with them gives the adapted actor's log-probs."""
+    ``W + s·B·A`` with ``s = alpha / r`` (``alpha / √r`` for rsLoRA), computed here in float64, the
+    final norm trained beside them its trained copy; a plain model loaded with them gives the adapted
+    actor's log-probs."""
     path = write_tiny_model(tmp_path / "tied", tie_word_embeddings=True)
     r, alpha = 4, 8.0
-    lora = _lora_model(path, LoraConfig(r=r, alpha=alpha, rslora=rslora, target_modules=["q_proj", "down_proj"]),
-                       b_std=0.05)
+    lora = _lora_model(path, LoraConfig(r=r, alpha=alpha, rslora=rslora, target_modules=["q_proj", "down_proj"],
+                                        modules_to_save=["model.norm"]), b_std=0.05)
     scale = alpha / math.sqrt(r) if rslora else alpha / r
     merged = dict(merged_named_tensors(lora))
     plain = load_causal_lm(str(path), "float32").eval()
@@ -115,6 +121,9 @@ def test_merged_weights_are_the_base_names_with_w_plus_scaled_ba(tmp_path, rslor
             torch.testing.assert_close(tensor.double(), expected, rtol=0, atol=1e-6)
             assert (tensor - params[f"{module}.base_layer.weight"]).abs().max() > 1e-3
             adapted += 1
+        elif name == "model.norm.weight":  # trained in full: its copy
+            assert torch.equal(tensor, params["model.norm.modules_to_save.default.weight"])
+            assert not torch.equal(tensor, params["model.norm.original_module.weight"])
         else:
             key = name if name in params else f"{module}.base_layer.{name.rsplit('.', 1)[1]}"
             assert torch.equal(tensor, params[key]), name
@@ -130,6 +139,11 @@ def test_config_errors_name_the_field(tiny_model_dir):
         LoraConfig(init="pissa")
     with pytest.raises(ValueError, match=r"model.lora: .*not_a_layer"):
         add_lora(load_causal_lm(tiny_model_dir, "float32"), LoraConfig(target_modules=["not_a_layer"]))
+    # the head's adapters would be sampled with and merged, but the trainer's log-probs read its weight
+    with pytest.raises(ValueError, match=r"adapts lm_head: only the decoder's linear layers"):
+        add_lora(load_causal_lm(tiny_model_dir, "float32"), LoraConfig(target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match=r"adapts model.embed_tokens: only the decoder's linear layers"):
+        add_lora(load_causal_lm(tiny_model_dir, "float32"), LoraConfig(target_modules=["embed_tokens"]))
 
 
 # ------------------------------------------------------------------ one update, by hand in float64
@@ -155,6 +169,8 @@ def _hand_update(path, start: dict[str, torch.Tensor], scale: float, old, ref, a
                 module = name.split(".lora_A.")[0]
                 merged[f"{module}.weight"] = weights[f"{module}.weight"] + scale * theta[
                     f"{module}.lora_B.default.weight"] @ theta[name]
+            elif ".modules_to_save." in name:  # the final norm, trained in full
+                merged[name.replace(".modules_to_save.default", "")] = theta[name]
         terms = []
         for i, (prompt, response) in enumerate(zip(PROMPTS, RESPONSES)):
             ids = torch.tensor([prompt + response])
@@ -188,17 +204,20 @@ def _hand_update(path, start: dict[str, torch.Tensor], scale: float, old, ref, a
 # Tolerances of float32 against float64 after 2 steps (measured 2026-12-03): SGD moves each element by
 # lr·g (up to 2.4e-3 here), max |Δ| 1.4e-8; AdamW divides each gradient element by its own magnitude (√v), so a float32
 # rounding in a near-zero element can flip its step: max |Δ| 4.4e-5 on one element of 1024 (the
-# others below 4e-6), where each element moves by ~lr = 1e-2 per step.
+# others below 4e-6), where each element moves by ~lr = 1e-2 per step. Plus the float32 rounding of
+# each step's result (half an ulp, 6e-8 × |θ|, twice): the norm's weights are ~1.
 ATOL = {"sgd": 1e-7, "adamw": 1e-4}
+RTOL = 2 * torch.finfo(torch.float32).eps
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_one_rl_step_updates_the_adapters_as_computed_by_hand_in_float64(tiny_model_dir, optimizer):
     """Two PPO epochs (2 optimizer steps, each 2 micro-batches of 2 responses) of GRPO with a KL term
     against the adapters-off reference, on adapters with B ≠ 0 (so A has a gradient and the KL is not
-    0), the gradient norm clipped (it is ~2.8 > 1): the adapters after ``Actor.update`` equal the
-    float64 computation by hand (``ATOL``). Only the adapters are in the optimizer and only they move."""
-    config = LoraConfig(r=4, alpha=8)
+    0), and the final norm trained beside them, the gradient norm clipped (> 1 here): the adapters and
+    the norm after ``Actor.update`` equal the float64 computation by hand (``ATOL``). Only they are in
+    the optimizer and only they move."""
+    config = LoraConfig(r=4, alpha=8, modules_to_save=["model.norm"])
     model = _lora_model(tiny_model_dir, config, b_std=0.05)
     loss = GRPOLoss(clip=(CLIP, CLIP), dual_clip=None, kl_coef=KL_COEF, kl_estimator="k3", loss_agg="token-mean")
     actor = _actor(model, model, loss, ppo_epochs=2)
@@ -225,8 +244,9 @@ def test_one_rl_step_updates_the_adapters_as_computed_by_hand_in_float64(tiny_mo
                             mask, steps=2, optimizer=optimizer)
     trained = dict(model.named_parameters())
     for name, value in expected.items():
-        torch.testing.assert_close(trained[name].detach().double(), value, rtol=0, atol=ATOL[optimizer], msg=name)
-    moved = {kind: max(float((trained[n].detach() - start[n]).abs().max()) for n in start if kind in n) for kind in ("lora_A", "lora_B")}
+        torch.testing.assert_close(trained[name].detach().double(), value, rtol=RTOL, atol=ATOL[optimizer], msg=name)
+    moved = {kind: max(float((trained[n].detach() - start[n]).abs().max()) for n in start if kind in n)
+             for kind in ("lora_A", "lora_B", "modules_to_save")}
     assert min(moved.values()) > 100 * ATOL[optimizer], moved
     for name, value in frozen.items():
         assert torch.equal(trained[name], value), name
