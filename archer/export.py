@@ -35,6 +35,7 @@ dataclasses, paths): only export checkpoints you trust.
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -193,8 +194,6 @@ def _adapted_model(model_dir: Path, lora: LoraConfig, adapters: dict[str, torch.
 
 def _merge_adapter_folder(folder: Path, out: Path) -> Path:
     """A peft adapter folder merged onto its base model (``base_model_name_or_path``) as a HF folder."""
-    import json
-
     base = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
     if not base or not (Path(base) / "config.json").is_file():
         raise FileNotFoundError(f"{folder / ADAPTER_CONFIG}: base_model_name_or_path = {base!r} is not a local model folder")

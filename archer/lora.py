@@ -99,9 +99,9 @@ def merged_named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]
         tensor = _full(param)
         if parts[-1] == "weight" and not owner.disable_adapters:
             delta = sum(
-                owner.scaling[adapter] * (_full(owner.lora_B[adapter].weight).float() @ _full(owner.lora_A[adapter].weight).float())
-                for adapter in owner.active_adapters
-                if adapter in owner.lora_A
+                owner.scaling[a] * (_full(owner.lora_B[a].weight).float() @ _full(owner.lora_A[a].weight).float())
+                for a in owner.active_adapters
+                if a in owner.lora_A
             )
             tensor = (tensor.float() + delta).to(tensor.dtype)
         yield ".".join(parts[:k] + parts[k + 1:]), tensor
@@ -112,7 +112,8 @@ def _adapted_modules(model: nn.Module) -> dict[str, nn.Module]:
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import ModulesToSaveWrapper
 
-    return {name: module for name, module in model.named_modules() if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper))}
+    kinds = (BaseTunerLayer, ModulesToSaveWrapper)
+    return {name: module for name, module in model.named_modules() if isinstance(module, kinds)}
 
 
 def engine_tensors(actor: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

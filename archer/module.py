@@ -267,9 +267,11 @@ class ArcherModule(L.LightningModule):
             sync = FSDP2GradientSync(self.actor)
         else:
             sync = DDPGradientSync(self.trainer.strategy.block_backward_sync)
+        # A LoRA actor without a separate reference is its own: the Actor switches its adapters off.
         base_is_reference = self.needs_reference and self.reference is None and self.lora is not None
         self.policy = Actor(
-            self.actor, self.actor if base_is_reference else self.reference, self.loss, update=self.update, group_size=self.sampling.n,
+            self.actor, self.actor if base_is_reference else self.reference, self.loss, update=self.update,
+            group_size=self.sampling.n,
             temperature=self.sampling.temperature, max_new_tokens=self.sampling.max_new_tokens,
             max_grad_norm=self.optim.max_grad_norm, packed=runs_packed(self.actor, self.update.packing),
             device=self.device, collectives=self.collectives, gradient_sync=sync, backward=self.manual_backward,

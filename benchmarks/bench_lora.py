@@ -13,7 +13,7 @@ digit-copy task) on a random Qwen2 with Qwen2.5-0.5B's shapes (vocabulary 151,93
 * ``lora r=R``: rank-R adapters (alpha = 2R) on every linear layer of the decoder, the base frozen,
   the reference = the actor with its adapters off (no second copy).
 
-Measured: seconds per RL step (rollout, log-prob passes, update; mean over the steps after the first),
+Measured: seconds per RL step (rollout, log-prob passes, update; median of the steps after the first),
 the process's peak RSS (``perf/peak_memory_gb``: VmHWM, start-up and model loading included), the
 size of ``last.ckpt`` (module state + optimizer state). The goal of issue 20: peak memory ≤ 0.6× and
 step time ≤ 1× of full fine-tuning.
@@ -86,7 +86,7 @@ def run_variant(work: Path, name: str, lora: dict | None, args: argparse.Namespa
     timed = steps.iloc[1:] if len(steps) > 1 else steps  # the first step pays the warm-up
     trainable = next(line for line in log.read_text().splitlines() if line.startswith("Trainable params"))
     return {
-        **{phase: float(timed[f"time/{phase}_s"].mean()) for phase in PHASES},
+        **{phase: float(timed[f"time/{phase}_s"].median()) for phase in PHASES},
         "peak_gb": float(steps["perf/peak_memory_gb"].max()),
         "checkpoint_mb": (work / name / "checkpoints" / "last.ckpt").stat().st_size / 2**20,
         "trainable": trainable.split(":", 1)[1].strip(),
@@ -134,10 +134,9 @@ def vllm_child(mode: str, model_dir: str, adapter_dir: str, rank: int, out: str)
             start = time.perf_counter()  # a new weight version: the adapter to disk, a new request id
             folder = Path(out).with_name(f"adapter-v{version}")
             actor.save_pretrained(folder)
-            llm.generate(requests[:1], vllm.SamplingParams(max_tokens=1), lora_request=LoRARequest(f"v{version}", version, str(folder)),
-                         use_tqdm=False)  # its first use loads it
+            request = LoRARequest(f"v{version}", version, str(folder))
+            llm.generate(requests[:1], vllm.SamplingParams(max_tokens=1), lora_request=request, use_tqdm=False)  # loads it
             syncs.append(time.perf_counter() - start)
-        request = LoRARequest(f"v{version}", version, str(folder))
         llm.generate(requests, params, lora_request=request, use_tqdm=False)  # warm
         start = time.perf_counter()
         outputs = llm.generate(requests, params, lora_request=request, use_tqdm=False)
@@ -168,8 +167,8 @@ def run_vllm(work: Path, rank: int) -> dict:
         out.parent.mkdir()
         log = work / f"vllm-{mode}.log"
         with log.open("w") as handle:
-            code = subprocess.run([sys.executable, __file__, "--vllm-child", mode, str(work / "model"), str(work / "adapter"),
-                                   str(rank), str(out)], stdout=handle, stderr=subprocess.STDOUT).returncode
+            child = [sys.executable, __file__, "--vllm-child", mode, str(work / "model"), str(work / "adapter"), str(rank), str(out)]
+            code = subprocess.run(child, stdout=handle, stderr=subprocess.STDOUT).returncode
         if code != 0:
             results[mode] = {"error": log.read_text()[-3000:]}
             continue
@@ -184,7 +183,7 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=2, help="decoder layers (Qwen2.5-0.5B has 24)")
-    parser.add_argument("--steps", type=int, default=3, help="RL steps per variant (the first is not timed)")
+    parser.add_argument("--steps", type=int, default=5, help="RL steps per variant (the first is not timed)")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--n", type=int, default=4, help="samples per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=8)
@@ -223,7 +222,7 @@ def main() -> None:
         f"Model: random Qwen2 with Qwen2.5-0.5B shapes, {args.layers} layers ({params / 1e6:.0f}M parameters, of which "
         f"136M the tied embedding; float32). configs/quickstart.yaml (Archer loss with its KL term, HF rollouts), "
         f"{args.prompts} prompts × {args.n} samples × ≤ {args.max_new_tokens} tokens per RL step, one optimizer step, "
-        f"{args.steps} RL steps per variant (times: mean of the steps after the first). Full fine-tuning loads a "
+        f"{args.steps} RL steps per variant (times: median of the steps after the first). Full fine-tuning loads a "
         "separate frozen reference; LoRA (alpha = 2r, every linear layer of the decoder) takes the reference from the "
         "actor with its adapters off. Peak = the process's peak RSS (start-up and loading included); checkpoint = "
         "`last.ckpt` (module state + AdamW state).",

@@ -100,7 +100,8 @@ def test_an_adapter_step_then_the_callback_sync_serves_the_new_policy(lora_engin
                         callbacks=[probe, WeightSyncCallback()], default_root_dir=tmp_path)
     batch = torch.tensor([[1, 70, 71, 72, 73, 74, 75, 2]])
     actor.train()
-    trainer.fit(_AdapterStep(actor, engine), train_dataloaders=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(batch)))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(batch))
+    trainer.fit(_AdapterStep(actor, engine), train_dataloaders=loader)
     assert probe.after != before and probe.stale == before
     for name, value in frozen.items():
         assert torch.equal(dict(actor.named_parameters())[name], value), name
