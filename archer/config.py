@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 
@@ -121,3 +121,47 @@ class AsyncRolloutConfig:
     (recomputed), and ``model.rollout_correction`` weights each token by π_prox / μ (μ: the engine's
     log-probs). ``behaviour``: the ratio is against μ itself (no recomputation, one forward less); the
     clip then bounds the change from the policy that sampled."""
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters on the actor (:mod:`archer.lora`, through ``peft``): each targeted linear layer
+    ``y = x·Wᵀ`` becomes ``y = x·(W + s·B·A)ᵀ`` with ``A`` ``[r, in]``, ``B`` ``[out, r]`` and the scale
+    ``s = alpha / r`` (``alpha / √r`` with ``rslora``); only ``A`` and ``B`` are trained. ``B`` starts at
+    zero, so the adapted actor starts as the base model."""
+
+    r: int = 16
+    """The adapters' rank."""
+    alpha: float = 32.0
+    """The scale's numerator: ``s = alpha / r``."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input (the update's forward only: rollouts and log-prob passes run in eval mode)."""
+    target_modules: list[str] | str = "all-linear"
+    """The linear layers that get adapters: module names (``[q_proj, k_proj, v_proj, o_proj]``) or
+    ``all-linear`` (every linear layer of the decoder; never the output head)."""
+    init: Literal["default", "gaussian"] = "default"
+    """``A``'s initialisation (``B`` is zero either way): Kaiming-uniform (peft's default) or Gaussian
+    with standard deviation 1/r. Initialisations that change the base weights (PiSSA, OLoRA, LoftQ) are
+    not offered: the reference would no longer be the base model."""
+    rslora: bool = False
+    """Rank-stabilised LoRA: ``s = alpha / √r``."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules of the decoder trained in full beside the adapters (peft's ``modules_to_save``: a trained
+    copy next to the frozen original), e.g. ``[model.norm]``, the final norm. Their copies are
+    checkpointed and served with the adapters, and switched off for the reference. Not the embeddings
+    or the output head."""
+    reference: Literal["adapters_off", "copy"] = "adapters_off"
+    """Where reference log-probs come from, when a KL term needs them: the actor itself with its
+    adapters switched off (the base model; no second copy of the weights), or a separate frozen copy
+    loaded from ``model_path`` (full fine-tuning's way; for comparisons)."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"model.lora needs r >= 1, alpha > 0 and 0 <= dropout < 1, got r={self.r}, "
+                             f"alpha={self.alpha}, dropout={self.dropout}")
+        if not self.target_modules:
+            raise ValueError("model.lora.target_modules is empty: name the linear layers that get adapters, or all-linear")
+        for key, value, allowed in (("init", self.init, ("default", "gaussian")),
+                                    ("reference", self.reference, ("adapters_off", "copy"))):
+            if value not in allowed:
+                raise ValueError(f"model.lora.{key} must be one of {list(allowed)}, got {value!r}")

@@ -24,12 +24,18 @@ was loaded from: config, tokenizer and generation config are copied from it. The
 ``save_pretrained`` folder (safetensors) that ``AutoModelForCausalLM.from_pretrained`` and vLLM
 load. Weights keep the dtype they were trained in.
 
+A LoRA run's checkpoint (``model.lora``) holds only the adapters under ``actor.``: the base weights
+come from ``model_path`` and the adapters are merged into them (``W + s·B·A``), or with
+``--adapter-only`` written as a peft adapter folder; ``archer export ADAPTER_DIR OUT`` merges such a
+folder onto its base model (``docs/lora.md``).
+
 Both forms hold pickles (``torch.load(weights_only=False)``: Lightning pickles hyper-parameters,
 dataclasses, paths): only export checkpoints you trust.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -38,9 +44,14 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from archer.config import LoraConfig
+from archer.lora import merged_named_tensors
+from archer.models import DTYPES, add_lora
+
 __all__ = ["ACTOR_PREFIX", "export_checkpoint", "load_checkpoint", "is_distributed_checkpoint", "actor_state_dict"]
 
 ACTOR_PREFIX = "actor."
+ADAPTER_CONFIG = "adapter_config.json"  # what makes a folder a peft adapter
 _DCP_METADATA = ".metadata"
 _LIGHTNING_META = "meta.pt"  # lightning.fabric.utilities.load._METADATA_FILENAME
 
@@ -117,15 +128,27 @@ def actor_state_dict(state_dict: dict[str, torch.Tensor], ckpt_path: Path) -> di
     return actor
 
 
-def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
+def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, *, adapter_only: bool = False) -> Path:
     """Write the checkpoint's actor as a HF ``save_pretrained`` folder; return ``out_dir``.
+
+    A LoRA run's checkpoint holds the adapters only (``model.lora``): they are loaded onto the base
+    model from ``model_path`` and merged, ``W + s·B·A`` (:func:`archer.lora.merged_named_tensors`), or
+    with ``adapter_only`` written as they are, a peft adapter folder (``adapter_config.json``,
+    ``adapter_model.safetensors``) whose ``base_model_name_or_path`` is ``model_path``. An adapter
+    folder given as ``ckpt_path`` is merged onto its base model the same way.
 
     Args:
         ckpt_path: a Lightning checkpoint of the Archer module: a single file (``Trainer.save_checkpoint``
-            / ``ModelCheckpoint``) or the folder ``ModelParallelStrategy`` (FSDP2) saves.
+            / ``ModelCheckpoint``) or the folder ``ModelParallelStrategy`` (FSDP2) saves; or a peft
+            adapter folder.
         out_dir: the folder to write (created; existing files of the same name are overwritten).
+        adapter_only: write a LoRA checkpoint's adapters, not the merged model.
     """
     ckpt_file = Path(ckpt_path)
+    if (ckpt_file / ADAPTER_CONFIG).is_file():
+        if adapter_only:
+            raise ValueError(f"{ckpt_file} is an adapter folder already; --adapter-only exports a checkpoint's adapters")
+        return _merge_adapter_folder(ckpt_file, Path(out_dir))
     checkpoint = load_checkpoint(ckpt_file)
     for key in ("state_dict", "hyper_parameters"):
         if key not in checkpoint:
@@ -140,7 +163,48 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
             "the export copies config and tokenizer from it"
         )
     weights = actor_state_dict(checkpoint["state_dict"], ckpt_file)
+    lora = checkpoint["hyper_parameters"].get("lora")
+    if lora is None:
+        if adapter_only:
+            raise ValueError(f"{ckpt_file}: --adapter-only needs a LoRA run's checkpoint (model.lora), this one trained "
+                             "all weights")
+        return _save_model(weights, model_dir, Path(out_dir), ckpt_file)
+    model = _adapted_model(model_dir, LoraConfig(**lora) if isinstance(lora, dict) else lora, weights,
+                           checkpoint["hyper_parameters"].get("dtype", "float32"), ckpt_file)
+    out = Path(out_dir)
+    if adapter_only:
+        model.save_pretrained(out)  # transformers saves only the adapters of a model that has some
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+        return out
+    return _save_model(dict(merged_named_tensors(model)), model_dir, out, ckpt_file)
 
+
+def _adapted_model(model_dir: Path, lora: LoraConfig, adapters: dict[str, torch.Tensor], dtype: str,
+                   ckpt_file: Path) -> torch.nn.Module:
+    """The base model from ``model_dir`` in ``dtype`` with the checkpoint's adapters (every one of them, nothing else)."""
+    model = add_lora(AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]), lora)
+    expected = {name for name, param in model.named_parameters() if param.requires_grad}
+    if set(adapters) != expected:
+        raise KeyError(f"{ckpt_file}: the checkpoint's actor tensors are not the adapters of model.lora = {lora} on "
+                       f"{model_dir}: missing {sorted(expected - set(adapters))[:3]}, unexpected "
+                       f"{sorted(set(adapters) - expected)[:3]}")
+    model.load_state_dict(adapters, strict=False)
+    return model
+
+
+def _merge_adapter_folder(folder: Path, out: Path) -> Path:
+    """A peft adapter folder merged onto its base model (``base_model_name_or_path``) as a HF folder."""
+    base = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base or not (Path(base) / "config.json").is_file():
+        raise FileNotFoundError(f"{folder / ADAPTER_CONFIG}: base_model_name_or_path = {base!r} is not a local model folder")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    model.load_adapter(str(folder))
+    return _save_model(dict(merged_named_tensors(model)), Path(base), out, folder)
+
+
+def _save_model(weights: dict[str, torch.Tensor], model_dir: Path, out: Path, ckpt_file: Path) -> Path:
+    """``weights`` (Hugging Face names) as a ``save_pretrained`` folder of ``model_dir``'s architecture,
+    with its tokenizer and generation config."""
     config = AutoConfig.from_pretrained(model_dir)
     # Built in the trained dtype, so the saved weights are bit-identical to the checkpoint's.
     model = AutoModelForCausalLM.from_config(config, dtype=next(iter(weights.values())).dtype)
@@ -150,7 +214,6 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     except RuntimeError as error:
         raise KeyError(f"{ckpt_file}: actor weights do not match the architecture in {model_dir}: {error}") from error
 
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:
         model.generation_config = GenerationConfig.from_pretrained(model_dir)

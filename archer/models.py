@@ -11,7 +11,9 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-__all__ = ["DTYPES", "fully_shard_decoder", "load_causal_lm", "runs_packed"]
+from archer.config import LoraConfig
+
+__all__ = ["DTYPES", "add_lora", "fully_shard_decoder", "load_causal_lm", "runs_packed"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """The dtype names a config may give."""
@@ -28,6 +30,51 @@ def load_causal_lm(path: str, dtype: str, *, attn_implementation: str | None = N
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    return model
+
+
+def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
+    """Inject LoRA adapters into ``model`` in place (``peft``, through transformers' adapter support:
+    the model keeps its class, its methods and its parameter names, the adapted layers' weights
+    moving to ``…proj.base_layer.weight``) and freeze everything but the adapters; returns ``model``.
+
+    ``config`` maps onto ``peft.LoraConfig``: ``r``, ``lora_alpha = alpha``, ``lora_dropout = dropout``,
+    ``target_modules``, ``init_lora_weights`` (True for ``default``), ``use_rslora = rslora``,
+    ``modules_to_save``, no bias.
+    The adapters are float32 whatever the model's dtype: a small learning rate's steps are below
+    bfloat16's resolution (peft's layers cast their input to the adapters' dtype and back).
+    """
+    try:
+        import peft
+    except ImportError as err:
+        from archer.lora import INSTALL_HINT
+
+        raise ImportError(INSTALL_HINT) from err
+    peft_config = peft.LoraConfig(
+        r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=config.target_modules,
+        init_lora_weights=True if config.init == "default" else config.init, use_rslora=config.rslora, bias="none",
+        modules_to_save=list(config.modules_to_save) or None,
+    )
+    try:
+        model.add_adapter(peft_config)
+    except ValueError as err:  # e.g. "Target modules {...} not found in the base model"
+        raise ValueError(f"model.lora: {err}") from err
+    from peft.tuners.lora import Linear
+    from peft.utils import ModulesToSaveWrapper
+
+    from archer.lora import _adapted_modules
+
+    embeddings = (model.get_input_embeddings(), model.get_output_embeddings())
+    for name, module in _adapted_modules(model).items():
+        if any(module is e for e in embeddings) or not isinstance(module, (Linear, ModulesToSaveWrapper)):
+            raise ValueError(
+                f"model.lora (target_modules = {config.target_modules!r}, modules_to_save = {config.modules_to_save!r}) "
+                f"adapts {name}: only the decoder's linear layers take adapters, and only its other modules (norms) are "
+                "trained beside them (the trainer computes log-probs from the output head's weight itself)"
+            )
+    for param in model.parameters():
+        if param.requires_grad:  # float32 adapters on a bfloat16 base (peft's autocast_adapter_dtype)
+            param.data = param.data.float()
     return model
 
 

@@ -37,6 +37,7 @@ from archer.config import (
     AsyncRolloutConfig,
     DynamicSamplingConfig,
     KLRewardConfig,
+    LoraConfig,
     OptimConfig,
     OverlongConfig,
     RolloutCorrectionConfig,
@@ -46,9 +47,10 @@ from archer.data.shard import FILLER_KEY
 from archer.data.stream import STREAM_INDEX_KEY
 from archer.distributed import Collectives, DDPGradientSync, FSDP2GradientSync, GradientSync
 from archer.experience import ExperienceMaker, old_logprob_pass_reason
+from archer.lora import MergedWeights
 from archer.losses import ArcherLoss, PolicyLoss
 from archer.metrics import PassAtK
-from archer.models import DTYPES, fully_shard_decoder, load_causal_lm, runs_packed
+from archer.models import DTYPES, add_lora, fully_shard_decoder, load_causal_lm, runs_packed
 from archer.optim import build_optimizer
 from archer.rewards import Reward, RewardRunner
 from archer.rollout import HFEngine, RolloutEngine, SamplingConfig
@@ -101,6 +103,8 @@ class ArcherModule(L.LightningModule):
         fsdp_compute_dtype: Under ``ModelParallelStrategy`` (FSDP2): run forward/backward in this dtype
             (e.g. ``bfloat16``) while parameters and gradient reduction stay in float32.
         gradient_checkpointing: Recompute activations in the backward pass (saves memory at ~30% compute).
+        lora: Train LoRA adapters on the frozen actor instead of all its weights (``docs/lora.md``); the
+            reference is then the actor with its adapters off (``lora.reference``). None: full fine-tuning.
         attn_implementation: The actor's attention kernel (``sdpa``, ``eager``, ``flash_attention_2``,
             ``flex_attention``, ...); None: transformers' default. Varlen/flex kernels enable packing
             (``update.packing: auto``).
@@ -130,6 +134,7 @@ class ArcherModule(L.LightningModule):
         dtype: str = "float32",
         fsdp_compute_dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        lora: LoraConfig | None = None,
         attn_implementation: str | None = None,
         token_view_samples: int = 8,
     ) -> None:
@@ -166,12 +171,15 @@ class ArcherModule(L.LightningModule):
             raise ValueError(f"val_sampling.n = {self.val_sampling.n} < largest pass_k = {self.pass_k[-1]}")
         self.dtype_name, self.fsdp_compute_dtype = dtype, fsdp_compute_dtype
         self.gradient_checkpointing, self.attn_implementation = gradient_checkpointing, attn_implementation
+        self.lora = lora
         self.token_view_samples = token_view_samples
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.actor: torch.nn.Module | None = None
-        """The policy model (its parameters are what is trained, checkpointed and synced to engines)."""
+        """The policy model (its trainable parameters are what is trained and checkpointed; its weights,
+        LoRA adapters merged, are what engines load)."""
+        self._frozen_actor_keys: set[str] = set()
         self.reference: torch.nn.Module | None = None
         self.policy: Actor | None = None
         """The actor component over ``actor`` and ``reference``: log-probs and the update (:mod:`archer.actor`)."""
@@ -190,8 +198,14 @@ class ArcherModule(L.LightningModule):
         row with a skipped non-finite optimizer step."""
 
     # ----------------------------------------------------------------------------------- setup
+    @property
+    def needs_reference(self) -> bool:
+        """Whether a KL term needs reference log-probs."""
+        return self.loss.needs_reference or self.kl_in_reward is not None
+
     def configure_model(self) -> None:
-        """Load actor (trainable) and reference (frozen, only if a KL term needs it).
+        """Load actor (trainable, or frozen with LoRA adapters) and reference (frozen, only if a KL term
+        needs it and it is not the LoRA actor with its adapters off).
 
         Called by Lightning before the strategy wraps the modules, so FSDP2 can shard both.
         """
@@ -200,7 +214,11 @@ class ArcherModule(L.LightningModule):
         load = dict(attn_implementation=self.attn_implementation)
         self.actor = load_causal_lm(self.model_path, self.dtype_name, gradient_checkpointing=self.gradient_checkpointing,
                                     **load)
-        if self.loss.needs_reference or self.kl_in_reward is not None:
+        if self.lora is not None:
+            add_lora(self.actor, self.lora)
+        self._frozen_actor_keys = {f"actor.{name}" for name, param in self.actor.named_parameters(remove_duplicate=False)
+                                   if not param.requires_grad}
+        if self.needs_reference and (self.lora is None or self.lora.reference == "copy"):
             self.reference = load_causal_lm(self.model_path, self.dtype_name, trainable=False, **load)
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel mesh
             for model in (self.actor, self.reference):
@@ -250,8 +268,11 @@ class ArcherModule(L.LightningModule):
             sync = FSDP2GradientSync(self.actor)
         else:
             sync = DDPGradientSync(self.trainer.strategy.block_backward_sync)
+        # A LoRA actor without a separate reference is its own: the Actor switches its adapters off.
+        base_is_reference = self.needs_reference and self.reference is None and self.lora is not None
         self.policy = Actor(
-            self.actor, self.reference, self.loss, update=self.update, group_size=self.sampling.n,
+            self.actor, self.actor if base_is_reference else self.reference, self.loss, update=self.update,
+            group_size=self.sampling.n,
             temperature=self.sampling.temperature, max_new_tokens=self.sampling.max_new_tokens,
             max_grad_norm=self.optim.max_grad_norm, packed=runs_packed(self.actor, self.update.packing),
             device=self.device, collectives=self.collectives, gradient_sync=sync, backward=self.manual_backward,
@@ -297,17 +318,36 @@ class ArcherModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------------ checkpoint hooks
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The reference is the initial actor: it is reloaded from model_path, never stored.
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith("reference.")]:
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False) -> dict:
+        """The module's state without what is reloaded from ``model_path`` (:meth:`_from_model_path`):
+        what checkpoints hold. (Under FSDP2 Lightning also reads a checkpoint folder by these keys.)"""
+        state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for key in [k for k in state if k.startswith(prefix) and self._from_model_path(k[len(prefix):])]:
             del state[key]
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a checkpoint's state; the entries :meth:`state_dict` leaves out keep the values loaded
+        from ``model_path``. ``strict`` holds for every other entry."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [key for key in result.missing_keys if not self._from_model_path(key)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"the checkpoint's state does not fit this module (model.lora set one way when saved, the other now?): "
+                f"{len(missing)} entries missing {missing[:3]}, {len(result.unexpected_keys)} unexpected "
+                f"{result.unexpected_keys[:3]}"
+            )
+        return result
+
+    def _from_model_path(self, key: str) -> bool:
+        """Whether a state entry is reloaded from ``model_path``, never stored: the reference (the initial
+        actor) and the actor's frozen parameters (with LoRA, the base weights under the adapters)."""
+        return key.startswith("reference.") or key in self._frozen_actor_keys
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["archer"] = dict(self._counters)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.reference is not None:
-            state = checkpoint.setdefault("state_dict", {})
-            state.update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
         saved = checkpoint.get("archer", {})
         self._counters = {key: saved.get(key, 0) for key in self._counters}
 
@@ -348,7 +388,9 @@ class ArcherModule(L.LightningModule):
     def _rollouts(self) -> GroupSampler:
         """The training thread's sampler, built (and the engine bound to the actor) at first use."""
         if not self._engine_ready:
-            self.rollout.setup(self.actor, self.tokenizer, self.model_path)
+            # An engine with its own copy of the weights loads a LoRA actor's merged weights.
+            merged = self.lora is not None and not isinstance(self.rollout, HFEngine)
+            self.rollout.setup(MergedWeights(self.actor) if merged else self.actor, self.tokenizer, self.model_path)
             self._engine_ready = True
         if self._sampler is None:
             self._sampler = self._group_sampler(self.reward_runner, self.collectives)

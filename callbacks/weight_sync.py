@@ -8,7 +8,9 @@ and the intermediate mini-batch states, which no rollout would see, are not copi
 
 What. ``pl_module.actor``'s parameters under their Hugging Face names, tied ones under every name
 (``lm_head.weight`` too), FSDP2 shards all-gathered one parameter at a time
-(:func:`archer.rollout.named_full_tensors`), pushed with ``pl_module.rollout.load_weights``. The
+(:func:`archer.rollout.named_full_tensors`), pushed with ``pl_module.rollout.load_weights``. A LoRA
+actor pushes its merged weights, ``W + s·B·A`` under the base model's names
+(:func:`archer.lora.merged_named_tensors`): the engine serves a plain model. The
 copy time is logged as ``time/weight_sync_s``. An :class:`~archer.rollout.HFEngine` samples with
 the actor itself, so nothing is copied.
 
@@ -28,7 +30,8 @@ import time
 
 import lightning as L
 
-from archer.rollout import HFEngine, named_full_tensors
+from archer.lora import engine_tensors
+from archer.rollout import HFEngine
 
 __all__ = ["WeightSyncCallback"]
 
@@ -49,7 +52,7 @@ class WeightSyncCallback(L.Callback):
         if isinstance(engine, HFEngine):
             return
         start = time.perf_counter()
-        engine.load_weights(named_full_tensors(actor))
+        engine.load_weights(engine_tensors(actor))
         if trainer.world_size > 1:
             # Servers shared by the ranks are updated by one of them: no rank samples the next batch
             # before the new weights are in place.

@@ -16,6 +16,7 @@ NEEDED = {
     "transformers": ("4.56", "from_pretrained(dtype=...) (torch_dtype before)"),
     "lightning": ("2.4", "ModelParallelStrategy (FSDP2)"),
     "vllm": ("0.15", "reload_weights(weights_iterator=..., weights_path=...) in place, logprobs_mode"),
+    "peft": ("0.20", "transformers 5's add_adapter (MIN_PEFT_VERSION), ModulesToSaveWrapper.enable_adapters"),
 }
 
 
@@ -28,6 +29,7 @@ def _lower_bound(requirement: str) -> Version:
 def _requirements() -> dict[str, str]:
     declared = list(PYPROJECT["project"]["dependencies"])
     declared += PYPROJECT["project"]["optional-dependencies"]["vllm"]
+    declared += PYPROJECT["project"]["optional-dependencies"]["lora"]
     return {Requirement(r).name: r for r in declared}
 
 

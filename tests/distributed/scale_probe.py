@@ -184,10 +184,11 @@ class SigkillWhileSaving(L.Callback):
 
 
 class CountGradientReductions(L.Callback):
-    """Counts the gradient reductions each training step makes and appends them, per step, to
-    ``record_dir/reductions{rank}.jsonl``: DDP's bucket all-reduces (through a DDP communication hook
-    that counts, then all-reduces as DDP does by default) or FSDP2's reduce-scatters (by counting
-    calls of ``torch.distributed.reduce_scatter_single``, which FSDP2 calls for them).
+    """Counts the gradient reductions each training step makes, and the gradient elements they carry,
+    and appends them, per step, to ``record_dir/reductions{rank}.jsonl``: DDP's bucket all-reduces
+    (through a DDP communication hook that counts, then all-reduces as DDP does by default) or FSDP2's
+    reduce-scatters (by counting calls of ``torch.distributed.reduce_scatter_single``, which FSDP2
+    calls for them, and the elements of their input).
 
     Args:
         record_dir: Folder of the per-rank JSON-lines records.
@@ -196,6 +197,7 @@ class CountGradientReductions(L.Callback):
     def __init__(self, record_dir: str) -> None:
         self.record_dir = Path(record_dir)
         self.count = 0
+        self.elements = 0
 
     def on_fit_start(self, trainer, pl_module) -> None:
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -204,22 +206,25 @@ class CountGradientReductions(L.Callback):
         if isinstance(trainer.strategy.model, DistributedDataParallel):
             def counting_hook(state, bucket):
                 self.count += 1
+                self.elements += bucket.buffer().numel()
                 return allreduce_hook(state, bucket)
 
             trainer.strategy.model.register_comm_hook(dist.group.WORLD, counting_hook)
         else:
             reduce_scatter = dist.reduce_scatter_single
 
-            def counting_reduce_scatter(*args, **kwargs):
+            def counting_reduce_scatter(output, input, *args, **kwargs):
                 self.count += 1
-                return reduce_scatter(*args, **kwargs)
+                self.elements += input.numel()
+                return reduce_scatter(output, input, *args, **kwargs)
 
             dist.reduce_scatter_single = counting_reduce_scatter
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.count = 0
+        self.elements = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.record_dir.mkdir(parents=True, exist_ok=True)
         with open(self.record_dir / f"reductions{_rank()}.jsonl", "a") as f:
-            f.write(json.dumps({"step": trainer.global_step, "reductions": self.count}) + "\n")
+            f.write(json.dumps({"step": trainer.global_step, "reductions": self.count, "elements": self.elements}) + "\n")
