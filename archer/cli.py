@@ -104,6 +104,8 @@ class ArcherCLI(LightningCLI):
     """LightningCLI over :class:`ArcherModule` and :class:`PromptDataModule`, with ``fit`` and ``validate``."""
 
     def __init__(self, *args, **kwargs) -> None:
+        # main() passes the words it read from sys.argv (without --verbose) explicitly, as tests do.
+        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
         strict = {"exit_on_error": False, "allow_abbrev": False}  # errors raised (one line in main); no abbreviations
         kwargs["parser_kwargs"] = {**strict, "fit": strict, "validate": strict, **kwargs.get("parser_kwargs", {})}
         kwargs.setdefault("save_config_callback", _SaveConfig)
@@ -185,8 +187,6 @@ def _fit(words: list[str]) -> None:
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     # Our IterableDatasets (the prompt stream, the val shards) yield whole batches in the main process.
     warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
-    # main() passes the words it read from sys.argv (without --verbose) explicitly.
-    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
     ArcherCLI(ArcherModule, PromptDataModule, args=words)
 
 
@@ -197,9 +197,10 @@ def main(argv: list[str] | None = None) -> None:
     Ctrl-C in ``SystemExit(130)``; with ``--verbose`` (or ``ARCHER_VERBOSE=1``) exceptions propagate.
     """
     words = list(sys.argv[1:] if argv is None else argv)
+    verbose_before = os.environ.get(VERBOSE)
     if "--verbose" in words:
         words.remove("--verbose")
-        os.environ[VERBOSE] = "1"
+        os.environ[VERBOSE] = "1"  # for the ranks a DDP launch starts during the run
     verbose = os.environ.get(VERBOSE) == "1"
     command = words[0] if words and not words[0].startswith("-") else ""
     cwd = os.getcwd()
@@ -227,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if added and cwd in sys.path:
             sys.path.remove(cwd)
+        if verbose_before is None:
+            os.environ.pop(VERBOSE, None)
 
 
 if __name__ == "__main__":
