@@ -155,7 +155,7 @@ def test_config_file_form_with_a_routed_reward_and_flag_overrides(tiny_model_dir
     config["reward"]["init_args"]["routes"] = {"aime*": {"class_path": "archer.rewards.MathReward"}}
     config["out"] = str(tmp_path / "unknown")
     path.write_text(yaml.safe_dump(config))
-    with pytest.raises(ValueError, match=r"no route for data_source \['deepscaler'\]"):
+    with pytest.raises(SystemExit, match=r"no route for data_source \['deepscaler'\]"):  # one line (archer/cli_errors.py)
         main(["eval", "--config", str(path)])
     assert not (tmp_path / "unknown" / "samples.jsonl").exists()  # refused before sampling
 
