@@ -17,15 +17,18 @@ row or a missing file is reported in one line (:mod:`archer.cli_errors`), Ctrl-C
 
 from __future__ import annotations
 
+import difflib
 import logging
-from argparse import ArgumentError
 import os
+import re
 import shutil
 import sys
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 
 import yaml
+
 # jsonargparse's action for typed settings; private, so tests/test_cli_config.py pins the behaviour built on it.
 from jsonargparse._typehints import ActionTypeHint
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -124,6 +127,14 @@ class ArcherCLI(LightningCLI):
             if type(action) is ActionTypeHint:
                 action.__class__ = _ListReplaces
 
+    def parse_arguments(self, parser, args) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as error:
+            subcommand = next((a for a in args or [] if a in self.subcommands()), None)
+            options = getattr(self, "_subcommand_parsers", {}).get(subcommand, parser)
+            raise ArgumentError(None, _suggest(str(error), options)) from error
+
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         resolve_references(config)
@@ -155,6 +166,15 @@ class ArcherCLI(LightningCLI):
                 "--model.reward=archer.rewards.MathReward (math answers), archer.rewards.ExactMatchReward, "
                 "archer.rewards.CodeReward (tests) or your own class (README: Your own reward)"
             )
+
+
+def _suggest(message: str, parser) -> str:
+    """``message`` with, for each unrecognized option, the option it most likely meant."""
+    given = re.findall(r"(--[\w.]+)", message.partition("unrecognized arguments:")[2])
+    known = [option for action in parser._actions for option in action.option_strings]
+    guesses = [f"{option} → {match[0]}" for option in given
+               if (match := difflib.get_close_matches(option, known, n=1, cutoff=0.8))]
+    return message + (f"; did you mean {', '.join(guesses)}?" if guesses else "")
 
 
 def _refuse_used_checkpoint_dirs(trainer) -> None:
@@ -203,6 +223,10 @@ def main(argv: list[str] | None = None) -> None:
         os.environ[VERBOSE] = "1"  # for the ranks a DDP launch starts during the run
     verbose = os.environ.get(VERBOSE) == "1"
     command = words[0] if words and not words[0].startswith("-") else ""
+    if command and command not in COMMANDS:
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        raise SystemExit(f"archer: no command {command!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                         + f" The commands: {', '.join(COMMANDS)} (`archer --help`)")
     cwd = os.getcwd()
     added = cwd not in sys.path
     if added:  # own modules import from the working directory, as with `python -m`

@@ -33,7 +33,11 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 """Exceptions that say what the user has to change; reported in one line."""
 
-_NOISE = re.compile(r"^(Subtypes:|Errors:|Given value type:|Does not validate against any of the Union subtypes)")
+_NOISE = re.compile(
+    r"^(Subtypes:|Errors:|Given value( type)?:|Does not validate against any of the Union subtypes|"
+    r"Expected a <class 'NoneType'>)"
+)
+"""Lines of a jsonargparse error that list what a union's other members expected, not what is wrong."""
 
 
 def _import_hint(reason: str) -> str:
@@ -54,8 +58,8 @@ def parser_error_line(message: str) -> str:
     if problem:
         reason = problem.group(2).strip()
         return f"{prefix}class_path {problem.group(1)!r} does not import: {reason}{_import_hint(reason)}"
-    lines = [line.strip().lstrip("- ") for line in message.splitlines()]
-    lines = [line for line in lines if line and not _NOISE.match(line) and not line.startswith("Parser key")]
+    lines = [re.sub(r'^Parser key "[^"]+":\s*', "", line.strip()).lstrip("- ") for line in message.splitlines()]
+    lines = [line for line in lines if line and not _NOISE.match(line)]
     return prefix + "; ".join(dict.fromkeys(lines))
 
 

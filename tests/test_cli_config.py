@@ -133,8 +133,13 @@ def test_a_logger_list_after_a_single_logger_takes_nothing_from_it(tiny_model_di
 # ------------------------------------------------------------------------------- 8. unknown keys
 def test_an_abbreviated_or_unknown_key_is_refused(tiny_model_dir, capsys):
     message = _error(capsys, "fit", "--config", QUICKSTART, f"--model.model_path={tiny_model_dir}", "--trainer.max_step", "2")
-    assert message == ("archer fit: unrecognized arguments: --trainer.max_step 2 "
-                       "(`archer fit --help` lists the options)")
+    assert message == ("archer fit: unrecognized arguments: --trainer.max_step 2; did you mean --trainer.max_step → "
+                       "--trainer.max_steps? (`archer fit --help` lists the options)")
+
+
+def test_an_unknown_command_names_the_commands(capsys):
+    message = _error(capsys, "fitt", "--config", QUICKSTART)
+    assert message.startswith("archer: no command 'fitt'; did you mean 'fit'? The commands: fit, validate, eval, ")
 
 
 def test_val_files_null_is_accepted(tiny_model_dir, capsys):
