@@ -81,6 +81,10 @@ def _is_list(value: object) -> bool:
     return isinstance(value, list)
 
 
+_STARTED_ONLY = {"config.yaml", "hparams.yaml"}
+"""What a log folder holds when its run stopped before the first batch."""
+
+
 class _SaveConfig(SaveConfigCallback):
     """Lightning's ``SaveConfigCallback`` (``config.yaml`` in the log folder), which also removes the log
     folder of a run that failed before its first batch: it holds only ``config.yaml`` / ``hparams.yaml``,
@@ -99,7 +103,7 @@ class _SaveConfig(SaveConfigCallback):
             return
         for logger in trainer.loggers:  # the loggers' own folders: trainer.log_dir would be a collective
             folder = Path(logger.log_dir) if getattr(logger, "log_dir", None) else None
-            if folder is not None and folder.is_dir() and {p.name for p in folder.iterdir()} <= {"config.yaml", "hparams.yaml"}:
+            if folder is not None and folder.is_dir() and {p.name for p in folder.iterdir()} <= _STARTED_ONLY:
                 shutil.rmtree(folder)
 
 
@@ -108,7 +112,7 @@ class ArcherCLI(LightningCLI):
 
     def __init__(self, *args, **kwargs) -> None:
         # main() passes the words it read from sys.argv (without --verbose) explicitly, as tests do.
-        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
+        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within")
         strict = {"exit_on_error": False, "allow_abbrev": False}  # errors raised (one line in main); no abbreviations
         kwargs["parser_kwargs"] = {**strict, "fit": strict, "validate": strict, **kwargs.get("parser_kwargs", {})}
         kwargs.setdefault("save_config_callback", _SaveConfig)
@@ -147,7 +151,8 @@ class ArcherCLI(LightningCLI):
         data = config.get("data")
         if data is not None and data.get("train_files") and data.get("task") is not None:
             # Files on top of a config with a synthetic task (the quickstart's): the files are the data.
-            log.info("data.train_files given: the synthetic task %s is not used", data.task.class_path.split(".")[-1])
+            log.warning("data.train_files given: the synthetic task %s is not used",
+                        data.task.class_path.split(".")[-1])
             data.task = None
 
     def before_fit(self) -> None:

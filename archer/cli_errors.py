@@ -80,7 +80,7 @@ def describe(error: BaseException, command: str) -> str:
     if isinstance(error, argparse.ArgumentError):
         message = parser_error_line(str(error))
         if "does not import" not in message:
-            message += f" (`archer {command} --help` lists the options)" if command else " (`archer --help` lists the commands)"
+            message += f" (`archer {command} --help` lists the options)" if command else " (`archer --help`)"
         return f"archer {command}: {message}".replace("archer : ", "archer: ")
     message = " ".join(str(error).split()) or type(error).__name__
     if isinstance(error, ImportError) and type(error).__name__ not in message:

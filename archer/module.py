@@ -190,7 +190,8 @@ class ArcherModule(L.LightningModule):
         self._sampler: GroupSampler | None = None
         self._async: AsyncSampler | None = None
         self._seeds: Seeds | None = None
-        self._counters = {"nonfinite_steps": 0, "empty_steps": 0, "nonfinite_in_a_row": 0, "failed_rewards_in_a_row": 0}
+        self._counters = {"nonfinite_steps": 0, "empty_steps": 0, "nonfinite_in_a_row": 0,
+                          "failed_rewards_in_a_row": 0}
         """Running totals, stored in checkpoints: optimizer steps skipped for a non-finite loss or gradient
         norm, and for a mini-batch without any token to learn from (every group dropped); RL steps in a
         row with a skipped non-finite optimizer step, and with every reward call failed."""

@@ -132,7 +132,8 @@ def test_a_logger_list_after_a_single_logger_takes_nothing_from_it(tiny_model_di
 
 # ------------------------------------------------------------------------------- 8. unknown keys
 def test_an_abbreviated_or_unknown_key_is_refused(tiny_model_dir, capsys):
-    message = _error(capsys, "fit", "--config", QUICKSTART, f"--model.model_path={tiny_model_dir}", "--trainer.max_step", "2")
+    message = _error(capsys, "fit", "--config", QUICKSTART, f"--model.model_path={tiny_model_dir}",
+                     "--trainer.max_step", "2")
     assert message == ("archer fit: unrecognized arguments: --trainer.max_step 2; did you mean --trainer.max_step → "
                        "--trainer.max_steps? (`archer fit --help` lists the options)")
 
