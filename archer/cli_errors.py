@@ -3,9 +3,9 @@
 A mistake in a config, a data file or a reward (a bad row, a missing file, a class path that does
 not import, a setting out of range, a reward that fails on every call) raises one of
 :data:`USER_ERRORS` with a message that names the file, row, field, key or value; ``archer``
-prints that message on one line, with the fix where there is one, and exits 1 (2 for a command
-line that does not parse). Anything else is a bug and keeps its traceback; ``--verbose`` shows the
-traceback of every failure.
+prints that message on one line, with the fix where there is one, and exits 1 (no usage dump for a
+command line that does not parse). Anything else is a bug and keeps its traceback; ``--verbose``
+shows the traceback of every failure.
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ _NOISE = re.compile(
 """Lines of a jsonargparse error that list what a union's other members expected, not what is wrong."""
 
 
-def _import_hint(reason: str) -> str:
-    """Where Python looked, when ``reason`` is "No module named 'x'" and ``x`` is not importable at all."""
+def _import_hint(reason: str, class_path: str) -> str:
+    """Where Python looked, when the module of ``class_path`` itself is what no folder on the path has."""
     missing = re.match(r"No module named '([^'.]+)", reason)
-    if missing is None or importlib.util.find_spec(missing.group(1)) is not None:
+    if missing is None or missing.group(1) != class_path.split(".")[0] or importlib.util.find_spec(missing.group(1)):
         return ""
     return (f" (archer imports your modules from the working directory {os.getcwd()}, as `python -m` does: "
             f"run it where {missing.group(1)}.py is, or add its folder to PYTHONPATH)")
@@ -56,8 +56,8 @@ def parser_error_line(message: str) -> str:
     prefix = f"{key.group(1)}: " if key else ""
     problem = re.search(r"Problem with given class_path '([^']+)':\s*\n\s*(.+)", message)
     if problem:
-        reason = problem.group(2).strip()
-        return f"{prefix}class_path {problem.group(1)!r} does not import: {reason}{_import_hint(reason)}"
+        class_path, reason = problem.group(1), problem.group(2).strip()
+        return f"{prefix}class_path {class_path!r} does not import: {reason}{_import_hint(reason, class_path)}"
     lines = [re.sub(r'^Parser key "[^"]+":\s*', "", line.strip()).lstrip("- ") for line in message.splitlines()]
     lines = [line for line in lines if line and not _NOISE.match(line)]
     return prefix + "; ".join(dict.fromkeys(lines))
@@ -70,8 +70,6 @@ def _hint(error: BaseException, command: str) -> str:
             return ("choose the fields with data.prompt_key / data.answer_key (`archer data inspect FILE --model "
                     "MODEL` shows a file's fields), or skip bad rows with data.skip_bad_rows: true")
         return "choose the fields with --prompt-key / --answer-key, or skip bad rows with --skip-bad-rows"
-    if isinstance(error, ModuleNotFoundError):
-        return _import_hint(f"No module named '{error.name}'").strip(" ()")
     return ""
 
 
