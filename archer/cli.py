@@ -3,254 +3,207 @@
     archer fit --config configs/quickstart.yaml        # LightningCLI: fit | validate
     archer fit --config X.yaml --print_config           # the fully resolved config
     archer fit --config X.yaml --ckpt_path last         # resume from the newest checkpoint
-    archer tiny-model OUT_DIR                           # a tiny random Qwen2 + char tokenizer (offline)
-    archer report RUN_DIR                               # plots + token view from a run's logs
-    archer export CKPT OUT_DIR [--adapter-only]         # checkpoint (file or FSDP2 folder) -> Hugging Face folder
-    archer data inspect FILE --model MODEL_DIR          # schema, rows, token lengths, a rendered prompt
-    archer data convert IN OUT.jsonl|OUT.parquet        # any supported data file -> normalised rows
-    archer eval MODEL --data NAME=FILE --n N --k K [K ...] --out OUT_DIR   # avg@n / pass@k / maj@k
-    archer eval --config eval.yaml                      # the same from a YAML file (EvalConfig fields)
-    archer compare CONFIG --variants A.yaml B.yaml --seeds 3 --out OUT [--set KEY=VALUE ...]   # head-to-head
+    archer fit --config X.yaml --trainer.default_root_dir runs/other   # every output of the run elsewhere
+    archer fit --config X.yaml --trainer.callbacks+=my_callbacks.PrintReward   # one more callback
+    archer eval | report | compare | data | export | tiny-model ...   # the tools (archer/cli_tools.py)
+    archer --help                                       # every command with a line each
+    archer ... --verbose                                # a failure's full traceback
+
+Your own modules import from the working directory, as with ``python -m``: a config's
+``class_path: my_rewards.ContainsAnswer`` finds ``./my_rewards.py``. A class path that does not
+import, a key that does not exist (or is abbreviated: ``--trainer.max_step``), a bad value, a bad data
+row or a missing file is reported in one line (:mod:`archer.cli_errors`), Ctrl-C without a traceback.
 """
 
 from __future__ import annotations
 
-import argparse
+import difflib
+import logging
+import os
+import re
+import shutil
 import sys
 import warnings
+from argparse import ArgumentError
+from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
+import yaml
 
+# jsonargparse's action for typed settings; private, so tests/test_cli_config.py pins the behaviour built on it.
+from jsonargparse._typehints import ActionTypeHint
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from archer.cli_errors import USER_ERRORS, describe
+from archer.cli_tools import TOOLS, run_tool
+from archer.config_refs import resolve_references
 from archer.data import PromptDataModule
 from archer.module import FSDP2_HINT, ArcherModule
 
-TOOLS = ("tiny-model", "report", "export", "data", "eval", "compare")
+__all__ = ["ArcherCLI", "COMMANDS", "main"]
+
+log = logging.getLogger(__name__)
+
+COMMANDS = {
+    "fit": "train: archer fit --config configs/quickstart.yaml (--ckpt_path last resumes)",
+    "validate": "pass@k of a checkpoint on the config's validation sets (--ckpt_path CKPT)",
+    **TOOLS,
+}
+"""Every command of ``archer``, with the line ``archer --help`` prints for it."""
+
+VERBOSE = "ARCHER_VERBOSE"
+"""Set (to 1) by ``--verbose``; in the environment, so that the ranks a DDP launch starts inherit it."""
+
+
+class _ListReplaces(ActionTypeHint):
+    """A list given for a setting (a later config file, ``--trainer.callbacks=[...]``) replaces what was
+    there: each item starts from its own class's defaults. jsonargparse otherwise merges a new list into
+    the earlier value item by item, and keeps the ``init_args`` a new item's class shares with the
+    earlier item's class (a ``SampleLogger`` added where the quickstart has ``TokenViewCallback
+    {every_n_steps: 50}`` ran with 50; a ``WandbLogger`` listed after the quickstart's single
+    ``CSVLogger`` was named ``csv``). Appending (``callbacks+:`` in a file, ``--trainer.callbacks+=``)
+    and editing one item (``--trainer.callbacks.init_args.X``) are unchanged."""
+
+    def _check_type(self, value, append=False, cfg=None, mode=None):
+        if not append and cfg is not None and cfg.get(self.dest) is not None and _is_list(value):
+            cfg = cfg.clone()
+            cfg[self.dest] = None
+        return super()._check_type(value, append=append, cfg=cfg, mode=mode)
+
+
+def _is_list(value: object) -> bool:
+    """A list, or a command-line string that reads as one (``--trainer.callbacks='[...]'``)."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return False
+    return isinstance(value, list)
+
+
+_STARTED_ONLY = {"config.yaml", "hparams.yaml"}
+"""What a log folder holds when its run stopped before the first batch."""
+
+
+class _SaveConfig(SaveConfigCallback):
+    """Lightning's ``SaveConfigCallback`` (``config.yaml`` in the log folder), which also removes the log
+    folder of a run that failed before its first batch: it holds only ``config.yaml`` / ``hparams.yaml``,
+    and ``archer report`` and ``archer compare`` would take it for a version of the run."""
+
+    _batch_done = False
+
+    def on_train_batch_end(self, *args, **kwargs) -> None:
+        self._batch_done = True
+
+    def on_validation_batch_end(self, *args, **kwargs) -> None:
+        self._batch_done = True
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self._batch_done or not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:  # the loggers' own folders: trainer.log_dir would be a collective
+            folder = Path(logger.log_dir) if getattr(logger, "log_dir", None) else None
+            if folder is not None and folder.is_dir() and {p.name for p in folder.iterdir()} <= _STARTED_ONLY:
+                shutil.rmtree(folder)
 
 
 class ArcherCLI(LightningCLI):
+    """LightningCLI over :class:`ArcherModule` and :class:`PromptDataModule`, with ``fit`` and ``validate``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        # main() passes the words it read from sys.argv (without --verbose) explicitly, as tests do.
+        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within")
+        strict = {"exit_on_error": False, "allow_abbrev": False}  # errors raised (one line in main); no abbreviations
+        kwargs["parser_kwargs"] = {**strict, "fit": strict, "validate": strict, **kwargs.get("parser_kwargs", {})}
+        kwargs.setdefault("save_config_callback", _SaveConfig)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # ArcherModule has no test or predict step.
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in ("fit", "validate")}
+
     def add_arguments_to_parser(self, parser) -> None:
         # The datamodule tokenizes prompts with the actor's own tokenizer.
         parser.link_arguments("model.model_path", "data.tokenizer_path")
+        for action in parser._actions:
+            if type(action) is ActionTypeHint:
+                action.__class__ = _ListReplaces
+
+    def parse_arguments(self, parser, args) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as error:
+            subcommand = next((a for a in args or [] if a in self.subcommands()), None)
+            options = getattr(self, "_subcommand_parsers", {}).get(subcommand, parser)
+            raise ArgumentError(None, _suggest(str(error), options)) from error
 
     def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        resolve_references(config)
         # Refuse FSDP1 before the Trainer exists: on a CPU Lightning's own error would only say
         # "requires a GPU", and on a GPU the module refuses it later, after the models are built.
-        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         strategy = config.get("trainer", {}).get("strategy")
         name = strategy if isinstance(strategy, str) else getattr(strategy, "class_path", "") or ""
         if name.split(".")[-1] == "FSDPStrategy" or name.startswith("fsdp"):
             raise ValueError(f"trainer.strategy={name!r}: Lightning's FSDP1 is not supported; {FSDP2_HINT}")
+        data = config.get("data")
+        if data is not None and data.get("train_files") and data.get("task") is not None:
+            # Files on top of a config with a synthetic task (the quickstart's): the files are the data.
+            log.warning("data.train_files given: the synthetic task %s is not used",
+                        data.task.class_path.split(".")[-1])
+            data.task = None
+
+    def before_fit(self) -> None:
+        self._check_reward()
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path is None:
+            _refuse_used_checkpoint_dirs(self.trainer)
+
+    def before_validate(self) -> None:
+        self._check_reward()
+
+    def _check_reward(self) -> None:
+        if self.model.reward is None and getattr(self.datamodule, "task", None) is None:
+            raise ValueError(
+                "model.reward is not set, and rows read from data.train_files need one: e.g. "
+                "--model.reward=archer.rewards.MathReward (math answers), archer.rewards.ExactMatchReward, "
+                "archer.rewards.CodeReward (tests) or your own class (README: Your own reward)"
+            )
 
 
-def _name_values(pairs: list[str], flag: str) -> dict[str, str]:
-    """``["a=x", "b=y"]`` -> ``{"a": "x", "b": "y"}``, for repeated ``NAME=VALUE`` flags."""
-    out = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or not name or not value:
-            raise SystemExit(f"archer: {flag} takes NAME=VALUE, got {pair!r}")
-        out[name] = value
-    return out
+def _suggest(message: str, parser) -> str:
+    """``message`` with, for each unrecognized option, the option it most likely meant."""
+    given = re.findall(r"(--[\w.]+)", message.partition("unrecognized arguments:")[2])
+    known = [option for action in parser._actions for option in action.option_strings]
+    guesses = [f"{option} → {match[0]}" for option in given
+               if (match := difflib.get_close_matches(option, known, n=1, cutoff=0.8))]
+    return message + (f"; did you mean {', '.join(guesses)}?" if guesses else "")
 
 
-def _add_field_options(parser: argparse.ArgumentParser, default: object = None) -> None:
-    """The row-field and prompt options shared by ``archer data`` and ``archer eval``."""
-    parser.add_argument("--prompt-key", default=default, help="field (dotted path) holding the prompt")
-    parser.add_argument("--answer-key", default=default, help="field holding the answer, e.g. reward_model.ground_truth")
-    parser.add_argument("--tests-key", default=default, help="field(s) holding code tests, comma-separated")
-    parser.add_argument("--data-source-key", default=default, help="field naming each row's source")
-    parser.add_argument("--prompt-template", default=default,
-                        help="text around each problem with one {prompt}, or a name: r1-math")
+def _refuse_used_checkpoint_dirs(trainer) -> None:
+    """A new run (no ``--ckpt_path``) must not write into another run's checkpoint folder: Lightning would
+    write ``last-v1.ckpt`` beside its ``last.ckpt``, and ``--ckpt_path last`` later resumes whichever is newer."""
+    for callback in trainer.checkpoint_callbacks:
+        folder = Path(callback.dirpath) if isinstance(callback, ModelCheckpoint) and callback.dirpath else None
+        if folder is not None and folder.is_dir() and (found := sorted(p.name for p in folder.glob("*.ckpt"))):
+            raise FileExistsError(
+                f"{folder} holds checkpoints of an earlier run ({', '.join(found[:3])}"
+                f"{', ...' if len(found) > 3 else ''}): resume it with --ckpt_path last, or start a new run in "
+                "another folder with --trainer.default_root_dir DIR (or delete the old one)"
+            )
 
 
-def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
-    # Every option defaults to "not given", so a --config file's values stand unless a flag overrides them.
-    ev = sub.add_parser("eval", help="avg@n / pass@k / maj@k of a model on benchmark files (resumable)",
-                        argument_default=argparse.SUPPRESS)
-    ev.add_argument("model", nargs="?",
-                    help="HF model folder, or Archer checkpoint: a .ckpt file or a checkpoint folder (FSDP2)")
-    ev.add_argument("--config", help="YAML file of EvalConfig fields (flags override it)")
-    ev.add_argument("--data", action="append", metavar="NAME=FILE", help="a benchmark (repeat for several)")
-    ev.add_argument("--n", type=int, help="samples per problem")
-    ev.add_argument("--k", type=int, nargs="+", help="the k of pass@k and maj@k")
-    ev.add_argument("--out", help="output folder (resumed if it holds an unfinished eval)")
-    ev.add_argument("--temperature", type=float, help="default: math 0.6, code 0.8 (the paper's)")
-    ev.add_argument("--top-p", type=float, help="default 0.95")
-    ev.add_argument("--top-k", type=int)
-    ev.add_argument("--max-new-tokens", type=int, help="default 32768")
-    ev.add_argument("--seed", type=int)
-    ev.add_argument("--engine", choices=["auto", "hf", "vllm"])
-    ev.add_argument("--domain", action="append", metavar="NAME=math|code", help="a data set's domain")
-    ev.add_argument("--reward", help="class path of the reward for every data set (default per domain)")
-    _add_field_options(ev, default=argparse.SUPPRESS)
-    ev.add_argument("--system-prompt")
-    ev.add_argument("--no-chat-template", dest="apply_chat_template", action="store_false")
-    ev.add_argument("--chunk-size", type=int, help="problems per generation call (the unit of resuming)")
-    ev.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    ev.add_argument("--hf-batch-size", type=int)
-    ev.add_argument("--data-parallel-size", type=int, help="vLLM engines (GPUs); default: all visible")
-    ev.add_argument("--reward-workers", type=int)
-    ev.add_argument("--reward-timeout-s", type=float)
+def _print_commands() -> None:
+    width = max(map(len, COMMANDS))
+    print("usage: archer COMMAND [options]   (archer COMMAND --help for a command's options)\n\ncommands:")
+    for name, line in COMMANDS.items():
+        print(f"  {name:<{width}}  {line}")
+    print("\noptions of every command:\n  --verbose  on a failure, the full traceback (not one line)")
 
 
-def _run_eval(args: argparse.Namespace) -> None:
-    import yaml
-    from jsonargparse import ArgumentParser
-
-    from archer.eval import EvalConfig, evaluate
-
-    given = vars(args)
-    given.pop("tool")
-    settings = {}
-    if "config" in given:
-        with open(given.pop("config"), encoding="utf-8") as f:
-            settings = yaml.safe_load(f) or {}
-    if "data" in given:
-        settings["data"] = {**settings.get("data", {}), **_name_values(given.pop("data"), "--data")}
-    if "domain" in given:
-        settings["domains"] = {**settings.get("domains", {}), **_name_values(given.pop("domain"), "--domain")}
-    if "reward" in given:
-        settings["reward"] = {"class_path": given.pop("reward")}
-    settings.update(given)
-    parser = ArgumentParser(prog="archer eval")
-    parser.add_class_arguments(EvalConfig, "eval")
-    config = parser.instantiate(parser.parse_object({"eval": settings})).eval
-    evaluate(config)
-    for name in ("results.md", "results.json", "samples.jsonl"):
-        print(f"wrote {config.out}/{name}")
-
-
-def _run_data(args: argparse.Namespace) -> None:
-    from archer.data.rows import RowFields
-
-    defaults = RowFields()
-    fields = RowFields(
-        prompt=args.prompt_key or defaults.prompt,
-        answer=args.answer_key or defaults.answer,
-        tests=args.tests_key or defaults.tests,
-        data_source=args.data_source_key or defaults.data_source,
-    )
-    if args.data_command == "inspect":
-        from transformers import AutoTokenizer
-
-        from archer.data.inspection import format_summary, summarize
-
-        summary = summarize(
-            args.file, AutoTokenizer.from_pretrained(args.model), fields,
-            apply_chat_template=args.apply_chat_template, system_prompt=args.system_prompt,
-            prompt_template=args.prompt_template, skip_bad_rows=args.skip_bad_rows,
-        )
-        print(format_summary(summary))
-    else:
-        from archer.data.convert import convert_rows
-
-        written, skipped = convert_rows(args.source, args.out, fields, prompt_template=args.prompt_template,
-                                        skip_bad_rows=args.skip_bad_rows)
-        print(f"wrote {written} rows to {args.out} ({skipped} bad rows skipped)")
-
-
-def _add_data_parser(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="inspect or convert prompt data files")
-    commands = data.add_subparsers(dest="data_command", required=True)
-    inspect = commands.add_parser("inspect", help="schema, row count, token lengths, one rendered prompt")
-    inspect.add_argument("file")
-    inspect.add_argument("--model", required=True, help="model folder whose tokenizer measures the lengths")
-    inspect.add_argument("--system-prompt", default=None)
-    inspect.add_argument("--no-chat-template", dest="apply_chat_template", action="store_false")
-    convert = commands.add_parser("convert", help="write the validated, normalised rows (.jsonl or .parquet)")
-    convert.add_argument("source")
-    convert.add_argument("out")
-    for command in (inspect, convert):
-        _add_field_options(command)
-        command.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) bad rows instead of failing")
-
-
-def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
-    compare = sub.add_parser(
-        "compare", help="the same job under several variants and seeds: one plot per metric and a table",
-        description="Runs `archer fit --config CONFIG --config VARIANT --seed_everything=S` for every variant "
-        "and seed, one after the other (each in its own folder under OUT/runs), then writes OUT/<metric>.png "
-        "and OUT/summary.md. Run it again to resume: finished runs are skipped.",
-    )
-    compare.add_argument("config", help="the base archer fit config")
-    compare.add_argument("--variants", nargs="+", required=True, metavar="YAML",
-                         help="a second --config per variant; the file names (stems) name the variants")
-    compare.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 of every variant (default 3)")
-    compare.add_argument("--out", required=True, help="output folder")
-    compare.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
-                         help="passed to every run as --KEY=VALUE, e.g. --set trainer.max_steps=50 (repeat)")
-
-
-def _run_compare(args: argparse.Namespace) -> None:
-    from archer.compare import compare
-
-    summary, failed = compare(args.config, args.variants, args.seeds, args.out,
-                              _name_values(args.overrides, "--set"))
-    print(f"wrote {summary}")
-    if failed:
-        raise SystemExit(f"archer compare: {len(failed)} run(s) failed: "
-                         + ", ".join(f"{run.variant} seed {run.seed} ({run.dir}/output.log)" for run in failed))
-
-
-def _tool(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="archer")
-    sub = parser.add_subparsers(dest="tool", required=True)
-    tiny = sub.add_parser("tiny-model", help="write a tiny random causal LM + tokenizer as a HF folder")
-    tiny.add_argument("out_dir")
-    tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--hidden-size", type=int, default=128)
-    tiny.add_argument("--num-layers", type=int, default=2)
-    tiny.add_argument("--num-heads", type=int, default=4)
-    tiny.add_argument("--tie-word-embeddings", action="store_true")
-    report = sub.add_parser("report", help="plots and the token view from a run directory")
-    report.add_argument("run_dir")
-    report.add_argument("--out-dir", default=None)
-    export = sub.add_parser("export", help="write a checkpoint's actor as a Hugging Face folder")
-    export.add_argument("ckpt", help="Archer checkpoint: a .ckpt file or a checkpoint folder (FSDP2); or a LoRA "
-                        "adapter folder, merged onto its base model")
-    export.add_argument("out_dir")
-    export.add_argument("--adapter-only", action="store_true",
-                        help="a LoRA run's checkpoint: write the adapter folder (peft) instead of the merged model")
-    _add_data_parser(sub)
-    _add_eval_parser(sub)
-    _add_compare_parser(sub)
-    args = parser.parse_args(argv)
-
-    if args.tool == "tiny-model":
-        from archer.tiny import write_tiny_model
-
-        out = write_tiny_model(
-            args.out_dir,
-            seed=args.seed,
-            hidden_size=args.hidden_size,
-            num_layers=args.num_layers,
-            num_heads=args.num_heads,
-            tie_word_embeddings=args.tie_word_embeddings,
-        )
-        print(f"wrote tiny model + tokenizer to {out}")
-    elif args.tool == "report":
-        from archer.report import write_report
-
-        for path in write_report(args.run_dir, args.out_dir):
-            print(f"wrote {path}")
-    elif args.tool == "export":
-        from archer.export import export_checkpoint
-
-        print(f"wrote {export_checkpoint(args.ckpt, args.out_dir, adapter_only=args.adapter_only)}")
-    elif args.tool == "data":
-        _run_data(args)
-    elif args.tool == "eval":
-        _run_eval(args)
-    elif args.tool == "compare":
-        _run_compare(args)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point; ``argv`` is for calling from Python (tests), the console script reads ``sys.argv``."""
-    words = sys.argv[1:] if argv is None else argv
-    if words and words[0] in TOOLS:
-        _tool(words)
-        return
+def _fit(words: list[str]) -> None:
     # Both are by design here: the frozen reference stays in eval mode, and a checkpoint holds the
     # weights after the step's update (resume continues from them, with the matching data state).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -259,7 +212,53 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     # Our IterableDatasets (the prompt stream, the val shards) yield whole batches in the main process.
     warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
-    ArcherCLI(ArcherModule, PromptDataModule, save_config_kwargs={"overwrite": True}, args=argv)
+    ArcherCLI(ArcherModule, PromptDataModule, args=words)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point; ``argv`` is for calling from Python (tests), the console script reads ``sys.argv``.
+
+    A user's mistake ends in ``SystemExit`` with its one-line message (:mod:`archer.cli_errors`),
+    Ctrl-C in ``SystemExit(130)``; with ``--verbose`` (or ``ARCHER_VERBOSE=1``) exceptions propagate.
+    """
+    words = list(sys.argv[1:] if argv is None else argv)
+    verbose_before = os.environ.get(VERBOSE)
+    if "--verbose" in words:
+        words.remove("--verbose")
+        os.environ[VERBOSE] = "1"  # for the ranks a DDP launch starts during the run
+    verbose = os.environ.get(VERBOSE) == "1"
+    command = words[0] if words and not words[0].startswith("-") else ""
+    if command and command not in COMMANDS:
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        raise SystemExit(f"archer: no command {command!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                         + f" The commands: {', '.join(COMMANDS)} (`archer --help`)")
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:  # own modules import from the working directory, as with `python -m`
+        sys.path.insert(0, cwd)
+    try:
+        if not words or words[0] in ("-h", "--help"):
+            _print_commands()
+        elif command in TOOLS:
+            run_tool(words)
+        else:
+            _fit(words)
+    except KeyboardInterrupt:
+        if verbose:
+            raise
+        resume = " (run the same command again to resume)" if command == "eval" else ""
+        print(f"\narcher {command}: interrupted{resume}".replace("archer : ", "archer: "), file=sys.stderr)
+        raise SystemExit(130) from None
+    except USER_ERRORS as error:
+        if verbose:
+            raise
+        traceback_hint = "" if isinstance(error, ArgumentError) else "  (--verbose shows the traceback)"
+        raise SystemExit(describe(error, command) + traceback_hint) from error
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+        if verbose_before is None:
+            os.environ.pop(VERBOSE, None)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,9 @@ from archer.metrics import PassAtK
 from archer.models import DTYPES, add_lora, fully_shard_decoder, load_causal_lm, runs_packed
 from archer.optim import build_optimizer
 from archer.rewards import Reward, RewardRunner
+from archer.rewards.failures import check_failed_reward_steps, failed_reward_steps
 from archer.rollout import HFEngine, RolloutEngine, SamplingConfig
+from archer.rollout_view import notify_rollout_end
 from archer.sampling import GroupSampler
 from archer.seeding import Seeds
 from archer.shaping import AdvantageShaping
@@ -97,6 +99,9 @@ class ArcherModule(L.LightningModule):
             staleness, off-policy correction); ``None``: rollout and update take turns.
         reward_timeout_s: A reward call that takes longer scores 0 and is counted.
         reward_workers: Worker processes that score rewards.
+        max_failed_reward_steps: Stop (``RewardsFailedError``) after this many RL steps in a row in which
+            every reward call failed (raised, returned a non-number or timed out): a broken reward, or rows
+            without what it reads. 0 never stops.
         pass_k: The k of the validation pass@k metrics.
         dtype: Parameter dtype of actor and reference (keep float32 master weights for small learning rates:
             a 1e-6 update is below bfloat16's resolution).
@@ -130,6 +135,7 @@ class ArcherModule(L.LightningModule):
         async_rollout: AsyncRolloutConfig | None = None,
         reward_timeout_s: float = 10.0,
         reward_workers: int = 2,
+        max_failed_reward_steps: int = 3,
         pass_k: list[int] | None = None,
         dtype: str = "float32",
         fsdp_compute_dtype: str | None = None,
@@ -166,6 +172,7 @@ class ArcherModule(L.LightningModule):
                 "dynamic_sampling: {refill: false} (drop only, Archer's recipe)"
             )
         self.reward_timeout_s, self.reward_workers = reward_timeout_s, reward_workers
+        self.max_failed_reward_steps = max_failed_reward_steps
         self.pass_k = sorted(pass_k or [1])
         if self.val_sampling.n < self.pass_k[-1]:
             raise ValueError(f"val_sampling.n = {self.val_sampling.n} < largest pass_k = {self.pass_k[-1]}")
@@ -192,10 +199,11 @@ class ArcherModule(L.LightningModule):
         self._sampler: GroupSampler | None = None
         self._async: AsyncSampler | None = None
         self._seeds: Seeds | None = None
-        self._counters = {"nonfinite_steps": 0, "empty_steps": 0, "nonfinite_in_a_row": 0}
+        self._counters = {"nonfinite_steps": 0, "empty_steps": 0, "nonfinite_in_a_row": 0,
+                          "failed_rewards_in_a_row": 0}
         """Running totals, stored in checkpoints: optimizer steps skipped for a non-finite loss or gradient
         norm, and for a mini-batch without any token to learn from (every group dropped); RL steps in a
-        row with a skipped non-finite optimizer step."""
+        row with a skipped non-finite optimizer step, and with every reward call failed."""
 
     # ----------------------------------------------------------------------------------- setup
     @property
@@ -374,6 +382,8 @@ class ArcherModule(L.LightningModule):
         self.experience.complete(exp, result.old_logprob)  # on-policy: π_old came from the update's forward
         t3 = time.perf_counter()
         self._count_skipped(result.empty_steps, result.nonfinite_steps)  # 4. the skipped-step rules
+        self._counters["failed_rewards_in_a_row"] = failed_reward_steps(
+            self._counters["failed_rewards_in_a_row"], scored.rewards, self.collectives)
         metrics = step_metrics(  # 5. every metric of the step, reduced over ranks
             scored, exp, result, StepTimes(t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t0, logprob_tokens),
             group_size=self.sampling.n, lr=lr, counters=self._counters, batch_index=batch[0][STREAM_INDEX_KEY],
@@ -383,7 +393,10 @@ class ArcherModule(L.LightningModule):
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
         self.log("reward", metrics["train/reward_mean"], prog_bar=True, on_step=True, logger=False, batch_size=len(batch))
         self._keep_samples(exp, scored.scores, result.first_entropy)  # 6. the token view's samples
+        notify_rollout_end(self, scored, exp, step)  # 7. callbacks' on_rollout_end (archer/rollout_view.py)
         self._check_nonfinite()
+        check_failed_reward_steps(self._counters["failed_rewards_in_a_row"], self.max_failed_reward_steps,
+                                  scored.rewards, self.reward_timeout_s)
 
     def _rollouts(self) -> GroupSampler:
         """The training thread's sampler, built (and the engine bound to the actor) at first use."""

@@ -2,7 +2,8 @@
 
 Metrics come from Lightning's ``CSVLogger`` (``metrics.csv``, found anywhere under the run
 directory; its rows are sparse — each row holds only what was logged at that step; a resumed run
-logs to a new ``version_N`` folder beside the first, and all of them are read, in order of N) or,
+logs to a new ``version_N`` folder beside the first, and all of them are read, in order of N, but
+those with validation figures only, which ``archer validate`` writes there) or,
 when there is no CSV, from TensorBoard event files. Each figure is one PNG; a figure whose metrics
 were never logged is skipped with a logged note (a baseline run has no per-type KL, say).
 """
@@ -104,8 +105,9 @@ def load_metrics(run_dir: str | Path) -> pd.DataFrame:
     Prefers the newest ``metrics.csv`` under ``run_dir`` (CSVLogger) — when it lies in a
     ``version_N`` folder, with those of every ``version_N`` beside it, concatenated in order of N (a
     resumed run's rows come after the first run's; :func:`metric_series` keeps the later value of a
-    step logged twice) — else TensorBoard event files (``events.out.tfevents.*``) in the newest
-    folder that has them.
+    step logged twice), leaving out versions with validation figures only (``archer validate`` of a
+    checkpoint logs there too, at step 0) — else TensorBoard event files (``events.out.tfevents.*``)
+    in the newest folder that has them.
     """
     root = Path(run_dir)
     if not root.is_dir():
@@ -114,13 +116,19 @@ def load_metrics(run_dir: str | Path) -> pd.DataFrame:
     if csv_files:
         newest = _newest(csv_files)
         paths = version_files(newest.parent.parent) if version_number(newest.parent) is not None else [newest]
-        frames = []
+        frames = {}
         for path in paths:
-            frames.append(pd.read_csv(path))
-            if STEP_COLUMN not in frames[-1].columns:
-                raise ValueError(f"{path}: no {STEP_COLUMN!r} column (columns: {list(frames[-1].columns)})")
-        log.info("metrics from %s", ", ".join(map(str, paths)))
-        return pd.concat(frames, ignore_index=True)
+            frames[path] = pd.read_csv(path)
+            if STEP_COLUMN not in frames[path].columns:
+                raise ValueError(f"{path}: no {STEP_COLUMN!r} column (columns: {list(frames[path].columns)})")
+        trained = {path: frame for path, frame in frames.items() if _trained(frame)}
+        if trained and len(trained) < len(frames):
+            # `archer validate` logs into the run's folder too, at step 0 whatever the checkpoint's step.
+            log.warning("report: left out %s (validation only: archer validate)",
+                        ", ".join(str(path.parent) for path in frames if path not in trained))
+            frames = trained
+        log.info("metrics from %s", ", ".join(map(str, frames)))
+        return pd.concat(frames.values(), ignore_index=True)
     event_files = list(root.rglob("events.out.tfevents.*"))
     if event_files:
         folder = _newest(event_files).parent
@@ -129,6 +137,11 @@ def load_metrics(run_dir: str | Path) -> pd.DataFrame:
     raise FileNotFoundError(
         f"no metrics under {root}: expected a CSVLogger metrics.csv or TensorBoard events.out.tfevents.* file"
     )
+
+
+def _trained(frame: pd.DataFrame) -> bool:
+    """Whether a version's metrics have training steps (``train/*``), not only validation figures."""
+    return any(column.startswith("train/") for column in frame.columns)
 
 
 def metric_series(metrics: pd.DataFrame, column: str) -> pd.Series:

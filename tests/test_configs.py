@@ -114,3 +114,23 @@ def test_the_async_paper_config_instantiates_as_written(tiny_model_dir, tmp_path
     assert isinstance(cli.trainer.strategy, ModelParallelStrategy) and cli.trainer.world_size == 4
     assert (model.update.ppo_epochs, model.update.mini_batch_size) == (3, 32)
     assert type(model.loss).__name__ == "ArcherLoss"
+
+
+@pytest.mark.parametrize("overlay", sorted(ROOT.joinpath("configs", "loggers").glob("*.yaml")), ids=lambda p: p.name)
+def test_a_logger_config_instantiates_on_the_quickstart(overlay, tiny_model_dir, tmp_path, monkeypatch):
+    """``configs/loggers/*.yaml`` as a second ``--config``: the CSV logger first (report, compare and the
+    run's log_dir read it), the other beside it, both under the run directory."""
+    from archer.cli import ArcherCLI
+    from archer.data import PromptDataModule
+    from archer.module import ArcherModule
+
+    if overlay.stem == "wandb":
+        pytest.importorskip("wandb")  # in the test extra
+        monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)
+    cli = ArcherCLI(ArcherModule, PromptDataModule, run=False,
+                    args=["--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", str(overlay),
+                          f"--model.model_path={tiny_model_dir}", "--trainer.default_root_dir=runs/x"])
+    csv, other = cli.trainer.loggers
+    assert type(csv).__name__ == "CSVLogger" and type(other).__name__.lower().startswith(overlay.stem)
+    assert Path(cli.trainer.log_dir) == Path("runs/x/csv/version_0") and Path(other.save_dir) == Path("runs/x")

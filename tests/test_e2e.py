@@ -87,6 +87,6 @@ def test_a_data_source_without_a_reward_route_stops_the_run_at_start(tmp_path, t
     the run in setup, not score 0 for the whole run."""
     monkeypatch.chdir(tmp_path)
     reward = '{"class_path": "archer.rewards.RoutedReward", "init_args": {"routes": {"math": {"class_path": "archer.rewards.MathReward"}}}}'
-    with pytest.raises(ValueError, match="digit_copy"):
+    with pytest.raises(SystemExit, match="digit_copy"):  # one-line error (archer/cli_errors.py)
         main(["fit", "--config", QUICKSTART, f"--model.model_path={tiny_model_dir}", f"--model.reward={reward}",
               "--trainer.max_steps=1"])

@@ -17,6 +17,7 @@ resumes with batch k + 1. A LightningModule that overrides
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,6 +32,8 @@ from archer.data.tasks import SyntheticTask
 from archer.data.template import apply_prompt_template, check_template
 
 __all__ = ["PromptDataModule", "render_prompt"]
+
+log = logging.getLogger(__name__)
 
 TRAIN_NAME = "train"
 
@@ -75,7 +78,7 @@ class PromptDataModule(L.LightningDataModule):
         self,
         tokenizer_path: str,
         train_files: list[str] = [],
-        val_files: dict[str, str] = {},
+        val_files: dict[str, str] | None = None,
         task: SyntheticTask | None = None,
         train_size: int = 1024,
         val_size: int = 0,
@@ -98,7 +101,7 @@ class PromptDataModule(L.LightningDataModule):
             tokenizer_path: Folder (or hub-style local path) of the tokenizer; usually the model's path.
             train_files: Local data files of train prompts, read in order and concatenated: ``.jsonl``,
                 ``.json`` (array or lines), ``.parquet``, ``.arrow`` or a ``save_to_disk`` folder.
-            val_files: Val data sets, name -> file; each is evaluated and logged under its own name.
+            val_files: Val data sets, name -> file; each is evaluated and logged under its own name. None: none.
             task: Synthetic task that generates the train rows in memory (instead of ``train_files``)
                 and, when ``val_size > 0``, a val set named after its ``data_source``.
             train_size: Train rows generated from ``task`` (seed ``seed``).
@@ -120,7 +123,8 @@ class PromptDataModule(L.LightningDataModule):
             system_prompt: System message put before every chat prompt that has none.
             shuffle: Shuffle the train prompts each epoch (with a seed that depends on ``seed`` and the epoch).
             seed: Seed of the train shuffle and of ``task`` row generation.
-            skip_bad_rows: Skip (and count in ``num_bad_rows_skipped``) bad rows instead of raising ``BadRowError``.
+            skip_bad_rows: Skip (log, and count in ``num_bad_rows_skipped``) bad rows instead of raising
+                ``BadRowError``.
         """
         super().__init__()
         if not train_files and task is None:
@@ -135,6 +139,7 @@ class PromptDataModule(L.LightningDataModule):
                             ("max_prompt_length", max_prompt_length), ("train_size", train_size)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        val_files = val_files or {}
         if TRAIN_NAME in val_files or (task is not None and val_size > 0 and task.data_source in val_files):
             raise ValueError(f"val data set names must be unique and not {TRAIN_NAME!r}: {list(val_files)}")
         self.tokenizer_path = tokenizer_path
@@ -173,13 +178,21 @@ class PromptDataModule(L.LightningDataModule):
         rows: list[dict[str, Any]] = []
         for file in files:
             result = read_rows(file, self.fields, skip_bad_rows=self.skip_bad_rows)
+            if result.num_skipped:
+                log.warning("data set %r: skipped %d bad rows of %s (data.skip_bad_rows; without it the first one "
+                            "is an error naming its line and field)", name, result.num_skipped, file)
             rows.extend(result.rows)
             self.num_bad_rows_skipped[name] = self.num_bad_rows_skipped.get(name, 0) + result.num_skipped
         return rows
 
     def _items(self, name: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Render and tokenize rows; drop (and count) prompts longer than ``max_prompt_length``."""
-        items, too_long = [], 0
+        if not rows:
+            skipped = self.num_bad_rows_skipped.get(name, 0)
+            files = self.train_files if name == TRAIN_NAME else [self.val_files.get(name, name)]
+            raise ValueError(f"data set {name!r} ({', '.join(map(str, files))}) has no rows"
+                             + (f" ({skipped} bad rows skipped)" if skipped else ""))
+        items, too_long, longest = [], 0, 0
         for row in rows:
             text, ids = render_prompt(
                 row["prompt"], self.tokenizer,
@@ -187,12 +200,16 @@ class PromptDataModule(L.LightningDataModule):
                 prompt_template=self.prompt_template,
             )
             if len(ids) > self.max_prompt_length:
-                too_long += 1
+                too_long, longest = too_long + 1, max(longest, len(ids))
                 continue
             items.append({"prompt_ids": ids, "prompt_text": text, "row": row})
         self.num_prompts_too_long[name] = too_long
         if not items:
-            raise ValueError(f"data set {name!r} has no usable prompt ({too_long} longer than max_prompt_length)")
+            raise ValueError(
+                f"data set {name!r}: all {too_long} prompts are longer than data.max_prompt_length = "
+                f"{self.max_prompt_length} tokens (the longest has {longest}); raise it (`archer data inspect FILE "
+                "--model MODEL` shows the lengths)"
+            )
         return items
 
     def setup(self, stage: str | None = None) -> None:

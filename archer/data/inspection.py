@@ -1,6 +1,7 @@
 """``archer data inspect FILE --model MODEL_DIR``: what a data file holds, seen through a tokenizer.
 
-Prints the file's schema, its row count (and bad rows), the token-length percentiles of the
+Prints the file's schema (before reading any row, so that a bad row's error comes after the field
+names the file has), its row count (and bad rows), the token-length percentiles of the
 rendered prompts (chat template and prompt template applied, what ``max_prompt_length`` is
 compared with) and of the reference answers, and one rendered prompt — enough to choose
 ``max_prompt_length`` and the field names before a run.
@@ -17,7 +18,7 @@ from archer.data.datamodule import render_prompt
 from archer.data.formats import schema_of
 from archer.data.rows import RowFields, read_rows
 
-__all__ = ["PERCENTILES", "DataSummary", "nearest_rank_percentile", "summarize", "format_summary"]
+__all__ = ["PERCENTILES", "DataSummary", "nearest_rank_percentile", "summarize", "format_schema", "format_summary"]
 
 PERCENTILES = (50, 90, 99, 100)
 
@@ -35,8 +36,6 @@ class DataSummary:
     """What :func:`summarize` found in one data file."""
 
     path: str
-    schema: list[tuple[str, str]]
-    """``(column, type)`` of the source records."""
     num_rows: int
     num_bad_rows: int
     """Bad rows skipped (reading stops at the first one unless ``skip_bad_rows``)."""
@@ -76,7 +75,6 @@ def summarize(
     ]
     return DataSummary(
         path=str(path),
-        schema=schema_of(path),
         num_rows=len(result.rows),
         num_bad_rows=result.num_skipped,
         num_with_tests=sum("tests" in row for row in result.rows),
@@ -92,11 +90,18 @@ def _percentile_line(name: str, lengths: dict[int, int]) -> str:
     return f"{name}: " + "  ".join(f"{'max' if q == 100 else f'p{q}'} {value}" for q, value in lengths.items())
 
 
+def format_schema(path: str | Path) -> str:
+    """The first part of ``archer data inspect``'s report: the file and its columns with their types.
+
+    It reads no row, so it is printed before the rows are validated: when one is bad, the error
+    comes after the field names the file does have.
+    """
+    return "\n".join([f"file: {path}", "schema:", *(f"  {name}: {dtype}" for name, dtype in schema_of(path))])
+
+
 def format_summary(summary: DataSummary) -> str:
-    """The report ``archer data inspect`` prints."""
-    lines = [f"file: {summary.path}", "schema:"]
-    lines += [f"  {name}: {dtype}" for name, dtype in summary.schema]
-    lines.append(f"rows: {summary.num_rows} ({summary.num_bad_rows} bad skipped, {summary.num_with_tests} with tests)")
+    """The rest of the report ``archer data inspect`` prints (after :func:`format_schema`)."""
+    lines = [f"rows: {summary.num_rows} ({summary.num_bad_rows} bad skipped, {summary.num_with_tests} with tests)"]
     lines.append(_percentile_line("prompt tokens", summary.prompt_tokens))
     lines.append(_percentile_line("answer tokens", summary.answer_tokens))
     lines += ["first prompt, rendered:", "-" * 40, summary.example, "-" * 40]

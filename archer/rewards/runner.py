@@ -13,6 +13,14 @@ calling thread, so a lock held by another thread at that instant stays locked in
 Workers are therefore forked once, in ``__init__`` (create the runner before training starts
 its threads, e.g. in ``setup``), and again only to replace a killed worker. ``"forkserver"``
 or ``"spawn"`` avoid the issue at the price of a slower start and a picklable reward.
+
+Batched rewards (:class:`~archer.rewards.BatchedReward`, ``batched = True``) are called with lists:
+the batch is split into one contiguous chunk per worker, a chunk of ``k`` responses gets
+``k × timeout_s``, and a chunk that raises or times out scores 0 for all of its responses (a
+non-finite score is still an error of its response only).
+
+Workers ignore Ctrl-C (SIGINT reaches the whole process group): the parent decides what an
+interrupt stops, and kills them in :meth:`RewardRunner.close`.
 """
 
 from __future__ import annotations
@@ -20,13 +28,16 @@ from __future__ import annotations
 import math
 import multiprocessing
 import multiprocessing.connection
+import signal
 import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
-from archer.rewards.base import Reward
+from archer.rewards.base import Reward, is_batched
+
+__all__ = ["RewardResult", "RewardRunner"]
 
 
 @dataclass
@@ -63,6 +74,31 @@ def _as_score(value: object) -> float:
     return score
 
 
+def _error_message(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}"
+
+
+def _score_items(reward: Reward, responses: list[str], rows: list[dict]) -> list[tuple[bool, float | str]]:
+    """``(True, score)`` or ``(False, error message)`` for each response: one call of a batched reward
+    (all fail together if it raises), else one call for the one response."""
+    try:
+        if is_batched(reward):
+            values = list(reward.score_batch(responses, rows))
+            if len(values) != len(responses):
+                raise ValueError(f"score_batch returned {len(values)} scores for {len(responses)} responses")
+        else:
+            values = [reward(responses[0], rows[0])]
+    except Exception as error:  # noqa: BLE001 - a failing reward is data, reported to the parent
+        return [(False, _error_message(error))] * len(responses)
+    results: list[tuple[bool, float | str]] = []
+    for value in values:
+        try:
+            results.append((True, _as_score(value)))
+        except ValueError as error:
+            results.append((False, f"ValueError: {error}"))
+    return results
+
+
 def _worker_loop(
     reward: Reward,
     connection: multiprocessing.connection.Connection,
@@ -71,15 +107,13 @@ def _worker_loop(
     # A forked worker inherits the parent's end of its own pipe; holding it open would keep
     # `recv` from ever seeing EOF, so a worker would outlive a SIGKILLed trainer.
     parent_end.close()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (module docstring)
     while True:
         try:
-            response, row = connection.recv()
+            responses, rows = connection.recv()
         except EOFError:  # the runner closed its end
             return
-        try:
-            connection.send((True, _as_score(reward(response, row))))
-        except Exception as error:  # noqa: BLE001 - a failing reward is data, reported to the parent
-            connection.send((False, f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}"))
+        connection.send(_score_items(reward, responses, rows))
 
 
 class _Worker:
@@ -88,7 +122,8 @@ class _Worker:
         self.process = context.Process(target=_worker_loop, args=(reward, child_end, self.connection), daemon=True)
         self.process.start()
         child_end.close()
-        self.item: int | None = None
+        self.unit: list[int] | None = None
+        """The indices of the responses it is scoring (one, or a batched reward's chunk)."""
         self.deadline = 0.0
 
     def kill(self) -> None:
@@ -133,7 +168,7 @@ class RewardRunner:
         if not self._workers:
             raise RuntimeError("RewardRunner.score called after close()")
         result = RewardResult(scores=[0.0] * len(responses))
-        pending = deque(range(len(responses)))
+        pending = deque(self._units(len(responses)))
         busy: dict[multiprocessing.connection.Connection, _Worker] = {}
 
         def record_error(message: str) -> None:
@@ -143,32 +178,43 @@ class RewardRunner:
 
         while pending or busy:
             for worker in self._workers:
-                if worker.item is None and pending:
-                    worker.item = pending.popleft()
-                    worker.deadline = time.monotonic() + self.timeout_s
-                    worker.connection.send((responses[worker.item], rows[worker.item]))
+                if worker.unit is None and pending:
+                    worker.unit = pending.popleft()
+                    worker.deadline = time.monotonic() + self.timeout_s * len(worker.unit)
+                    worker.connection.send(([responses[i] for i in worker.unit], [rows[i] for i in worker.unit]))
                     busy[worker.connection] = worker
             wait_s = max(0.0, min(w.deadline for w in busy.values()) - time.monotonic())
             for connection in multiprocessing.connection.wait(list(busy), timeout=wait_s):
                 worker = busy.pop(connection)
                 try:
-                    ok, value = connection.recv()
+                    answers = connection.recv()
                 except (EOFError, OSError):
-                    record_error(f"reward worker died (exit code {worker.process.exitcode}) on item {worker.item}")
+                    for item in worker.unit:
+                        record_error(f"reward worker died (exit code {worker.process.exitcode}) on item {item}")
                     self._replace(worker)
                     continue
-                if ok:
-                    result.scores[worker.item] = value
-                else:
-                    record_error(f"item {worker.item}: {value}")
-                worker.item = None
+                for item, (ok, value) in zip(worker.unit, answers):
+                    if ok:
+                        result.scores[item] = value
+                    else:
+                        record_error(f"item {item}: {value}")
+                worker.unit = None
             now = time.monotonic()
             for connection, worker in list(busy.items()):
                 if worker.deadline <= now:
                     del busy[connection]
-                    result.num_timeouts += 1
+                    result.num_timeouts += len(worker.unit)
                     self._replace(worker)
         return result
+
+    def _units(self, count: int) -> list[list[int]]:
+        """What one worker scores at a time: one response, or for a batched reward one contiguous chunk
+        per worker (sizes differing by at most one)."""
+        if not is_batched(self.reward) or count == 0:
+            return [[i] for i in range(count)]
+        chunks = min(len(self._workers), count)
+        bounds = [count * c // chunks for c in range(chunks + 1)]
+        return [list(range(bounds[c], bounds[c + 1])) for c in range(chunks)]
 
     def _replace(self, worker: _Worker) -> None:
         worker.kill()

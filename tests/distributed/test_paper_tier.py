@@ -210,7 +210,7 @@ def test_a_reward_that_returns_text_is_an_error_and_a_step_of_errors_warns(tiny_
 
 def test_fsdp1_is_refused_with_the_fsdp2_line(tiny_model_dir, tmp_path, monkeypatch):
     override = override_file(tmp_path, max_steps=1, every=1)
-    with pytest.raises(ValueError, match=r"FSDP1 is not supported; use FSDP2: .*ModelParallelStrategy"):
+    with pytest.raises(SystemExit, match=r"FSDP1 is not supported; use FSDP2: .*ModelParallelStrategy"):
         in_process(tmp_path, args(tiny_model_dir, override, "--trainer.strategy=fsdp"), monkeypatch)
 
 

@@ -116,7 +116,7 @@ def test_resume_after_a_torn_write_samples_only_what_is_missing(full_run, tiny_m
     _eval(tiny_model_dir, bench, out, "--n", "4", "--k", "1", "--chunk-size", "2")
     assert "chunk" not in capsys.readouterr().err
     assert set(json.loads((out / "results.json").read_text())["math"]["pass@k"]) == {"1"}
-    with pytest.raises(ValueError, match=r"differs in: \['datasets'\]"):
+    with pytest.raises(SystemExit, match=r"differs in: \['datasets'\]"):  # one line
         _eval(tiny_model_dir, bench, out, "--n", "2", "--k", "1", "--chunk-size", "2")
 
 
@@ -156,7 +156,7 @@ def test_config_file_form_with_a_routed_reward_and_flag_overrides(tiny_model_dir
     config["reward"]["init_args"]["routes"] = {"aime*": {"class_path": "archer.rewards.MathReward"}}
     config["out"] = str(tmp_path / "unknown")
     path.write_text(yaml.safe_dump(config))
-    with pytest.raises(ValueError, match=r"no route for data_source \['deepscaler'\]"):
+    with pytest.raises(SystemExit, match=r"no route for data_source \['deepscaler'\]"):  # one line
         main(["eval", "--config", str(path)])
     assert not (tmp_path / "unknown" / "samples.jsonl").exists()  # refused before sampling
 

@@ -72,6 +72,23 @@ def test_a_resumed_run_s_versions_are_read_in_number_order_the_later_winning(tmp
     assert series.to_dict() == {0: 2.0, 1: 2.1, 2: 10.2, 3: 10.3, 4: 10.4}
 
 
+def test_a_validate_run_in_the_run_folder_is_left_out(tmp_path: Path) -> None:
+    """``archer validate --ckpt_path runs/x/checkpoints/last.ckpt`` logs into the run's logger folder as
+    a version of its own, at step 0 whatever the checkpoint's step: its pass@1 is not the run's at step 0."""
+    run_dir = tmp_path / "run"
+    trained = CSVLogger(tmp_path, name="run", version=0)
+    for step in range(3):
+        trained.log_metrics({"train/reward_mean": step / 10}, step=step)
+    trained.log_metrics({"val/x/pass@1": 0.5}, step=2)
+    trained.save()
+    validated = CSVLogger(tmp_path, name="run", version=1)
+    validated.log_metrics({"val/x/pass@1": 0.9}, step=0)
+    validated.save()
+    metrics = load_metrics(run_dir)
+    assert metric_series(metrics, "val/x/pass@1").to_dict() == {2: 0.5}
+    assert metric_series(metrics, "train/reward_mean").to_dict() == {0: 0.0, 1: 0.1, 2: 0.2}
+
+
 def test_report_from_tensorboard(tmp_path: Path) -> None:
     logger = TensorBoardLogger(tmp_path, name="tb", version=0)
     log_run(logger)
