@@ -19,11 +19,11 @@ case "$target" in
     pip uninstall --quiet -y torchvision torchaudio torchcodec
     ;;
   gpu)
-    pip install --quiet -e ".[vllm,test]"
+    pip install --quiet -e ".[vllm,lora,test]"
     ;;
   base)
     pip install --quiet "torch==2.13.0"
-    pip install --quiet -e ".[test]"
+    pip install --quiet -e ".[lora,test]"
     ;;
   *)
     echo "usage: bash install.sh [cpu|gpu|base]" >&2
