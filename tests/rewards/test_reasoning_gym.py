@@ -3,6 +3,7 @@ are the library's own ``score_answer`` on them, in-process and in the reward wor
 saying why, without the package (``bash install.sh evals``; CI installs it)."""
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +110,35 @@ def test_bad_settings_are_refused_at_construction(datasets, message):
 def test_a_row_from_elsewhere_is_refused_naming_the_keys():
     with pytest.raises(KeyError, match=r"ReasoningGymReward needs row\['reasoning_gym'\]"):
         ReasoningGymReward()("<answer>1</answer>", {"prompt": "1+0=", "answer": "1"})
+
+
+def test_the_reasoning_gym_quickstart_trains_and_validates(tmp_path, tiny_model_dir, monkeypatch):
+    """``configs/reasoning_gym_quickstart.yaml`` for 4 RL steps (its full 300-step curve is in docs/evaluation.md)."""
+    import pandas as pd
+
+    from archer.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    config = Path(__file__).resolve().parents[2] / "configs" / "reasoning_gym_quickstart.yaml"
+    main(["fit", "--config", str(config), f"--model.model_path={tiny_model_dir}", "--trainer.max_steps=4",
+          "--trainer.val_check_interval=4", "--data.train_size=64", "--data.val_size=8"])
+    metrics = pd.read_csv(next((tmp_path / "runs" / "reasoning_gym_quickstart").glob("csv/version_*/metrics.csv")))
+    rewards = metrics["train/reward_mean"].dropna()
+    assert len(rewards) == 4 and rewards.between(0, 1).all()
+    assert metrics["val/reasoning_gym/pass@1"].dropna().between(0, 1).all()
+    assert len(metrics["val/reasoning_gym/pass@1"].dropna()) == 1
+
+
+def test_the_yaml_of_docs_evaluation_builds_the_task_it_describes():
+    import re
+
+    import yaml
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "evaluation.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", doc, flags=re.DOTALL) if "ReasoningGymTask" in b]
+    data = yaml.safe_load(block)["data"]
+    assert data["task"]["class_path"] == "archer.data.tasks.ReasoningGymTask"
+    task = ReasoningGymTask(**data["task"]["init_args"])
+    rows = task.rows(30, seed=0)
+    assert {row["reasoning_gym"]["dataset"] for row in rows} == {"chain_sum", "gcd"}
+    assert all(task(f"<answer>{row['answer']}</answer>", row) == 1.0 for row in rows)
