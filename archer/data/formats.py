@@ -154,10 +154,9 @@ def _json_type(value: Any) -> str:
 
 def schema_of(path: str | Path, sample_rows: int = 100) -> list[tuple[str, str]]:
     """``(column, type)`` pairs: the Arrow schema of Parquet/Arrow data, or for JSON the types seen
-    in the first ``sample_rows`` records (several types joined with ``|``)."""
-    if not is_builtin(path):
+    in the first ``sample_rows`` records (several types joined with ``|``), as for a built-in benchmark's rows."""
+    if not is_builtin(path) and (Path(path).is_dir() or Path(path).suffix.lower() in (".parquet", ".arrow")):
         path = Path(path)
-    if isinstance(path, Path) and (path.is_dir() or path.suffix.lower() in (".parquet", ".arrow")):
         if path.is_dir():
             schema = _open_arrow(_arrow_files(path)[0]).schema
         elif path.suffix.lower() == ".arrow":

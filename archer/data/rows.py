@@ -192,8 +192,12 @@ def validate_row(record: Any, fields: RowFields, file: str, line: int) -> dict[s
         raise BadRowError(file, line, answer_path, "missing (a row needs an answer or tests)")
     if answer is not None and not isinstance(answer, str):
         raise BadRowError(file, line, answer_path, f"is {type(answer).__name__}, expected a string")
-    if not isinstance(record.get(RAW_PROMPT_KEY, False), bool):
-        raise BadRowError(file, line, RAW_PROMPT_KEY, f"is {type(record[RAW_PROMPT_KEY]).__name__}, expected true or false")
+    raw = record.get(RAW_PROMPT_KEY, False)
+    if not isinstance(raw, bool):
+        raise BadRowError(file, line, RAW_PROMPT_KEY, f"is {type(raw).__name__}, expected true or false")
+    if raw and not isinstance(prompt, str):
+        raise BadRowError(file, line, fields.prompt,
+                          f"is chat messages, but {RAW_PROMPT_KEY} needs the text to continue")
     data_source = lookup(record, fields.data_source)
     if data_source is not None and not isinstance(data_source, str):
         raise BadRowError(file, line, fields.data_source, f"is {type(data_source).__name__}, expected a string")

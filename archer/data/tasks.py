@@ -340,17 +340,20 @@ class ReasoningGymTask(SyntheticTask):
             raise ValueError(f"num must be >= 0, got {num}")
         rng = random.Random(seed)
         seeds = {d["name"]: derive_seed("reasoning-gym", seed, d["name"]) for d in self.datasets}
-        generators = {d["name"]: reasoning_gym_dataset(d["name"], {**d["config"], "size": max(num, 1)}, seeds[d["name"]])
-                      for d in self.datasets}
+        generators = {
+            d["name"]: reasoning_gym_dataset(d["name"], {**d["config"], "size": max(num, 1)}, seeds[d["name"]])
+            for d in self.datasets
+        }
         families = rng.choices(self.datasets, weights=[d["weight"] for d in self.datasets], k=num)
         rows = []
         for index, family in enumerate(families):
-            entry = generators[family["name"]][index]
+            name = family["name"]
+            entry = generators[name][index]
             rows.append({
                 "prompt": entry["question"],
                 "answer": entry["answer"],
                 "metadata": entry["metadata"],
-                REASONING_GYM_KEY: {"dataset": family["name"], "config": family["config"], "seed": seeds[family["name"]]},
+                REASONING_GYM_KEY: {"dataset": name, "config": family["config"], "seed": seeds[name]},
                 "data_source": self.data_source,
             })
         return rows

@@ -29,17 +29,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: no display on evaluation machines
-import matplotlib.pyplot as plt  # noqa: E402
-
-from archer.eval.config import EvalConfig  # noqa: E402
-from archer.eval.model import model_names  # noqa: E402
-from archer.eval.records import SampleRecord, load_records  # noqa: E402
-from archer.eval.results import per_problem_values  # noqa: E402
-from archer.eval.runner import CONFIG_FILE, SAMPLES_FILE, evaluate  # noqa: E402
-from archer.eval.stats import bootstrap_interval, mean  # noqa: E402
+from archer.eval.config import EvalConfig
+from archer.eval.model import model_names
+from archer.eval.records import SampleRecord, load_records
+from archer.eval.results import per_problem_values
+from archer.eval.runner import CONFIG_FILE, SAMPLES_FILE, evaluate
+from archer.eval.stats import bootstrap_interval, mean
 
 __all__ = ["TABLE_FILES", "evaluate_models", "compare_evals", "format_table", "write_table"]
 
@@ -201,9 +196,13 @@ def format_table(table: dict[str, Any]) -> str:
 def _plot(table: dict[str, Any], path: Path) -> None:
     """Two panels: avg@n per benchmark with 95 % intervals (one bar per model), and the paired
     differences against the baseline with theirs."""
+    # A Figure without pyplot: no backend is chosen, so importing archer.eval changes no notebook's plotting.
+    from matplotlib.figure import Figure
+
     models, benchmarks, cells = table["models"], table["benchmarks"], table["cells"]
     others = models[1:]
-    figure, axes = plt.subplots(1, 2 if others else 1, figsize=(6 + 4 * bool(others), 4), squeeze=False)
+    figure = Figure(figsize=(6 + 4 * bool(others), 4))
+    axes = figure.subplots(1, 2 if others else 1, squeeze=False)
     width = 0.8 / len(models)
 
     def bars(axis: Any, names: list[str], value: Any, interval: Any) -> None:
@@ -234,7 +233,6 @@ def _plot(table: dict[str, Any], path: Path) -> None:
         axes[0][1].set_title("paired difference, 95 % interval")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def write_table(evals: dict[str, str | Path], out_dir: str | Path, *, num_resamples: int = 2000,

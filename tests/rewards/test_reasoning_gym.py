@@ -31,8 +31,9 @@ FAMILIES = [
 
 def _responses(entry: dict) -> list[str]:
     answer = entry["answer"] if isinstance(entry["answer"], str) else ""
-    return [f"<think>hmm</think><answer>{answer}</answer>", f"<answer> {answer} </answer>", f"<answer>{answer}x</answer>",
-            f"<answer>{answer[::-1]}</answer>", "<answer>12</answer>", answer, "", f"I say {answer}"]
+    return [f"<think>hmm</think><answer>{answer}</answer>", f"<answer> {answer} </answer>",
+            f"<answer>{answer}x</answer>", f"<answer>{answer[::-1]}</answer>", "<answer>12</answer>", answer, "",
+            f"I say {answer}"]
 
 
 def test_rows_are_the_librarys_items_and_scores_its_score_answer():
@@ -45,14 +46,16 @@ def test_rows_are_the_librarys_items_and_scores_its_score_answer():
         # The library's own data set and item, generated here from the row's recorded seed and config.
         library = reasoning_gym.create_dataset(spec["dataset"], seed=spec["seed"], size=60, **family.get("config", {}))
         entry = library[index]
-        assert (row["prompt"], row["answer"], row["metadata"]) == (entry["question"], entry["answer"], entry["metadata"])
+        assert (row["prompt"], row["answer"]) == (entry["question"], entry["answer"])
+        assert row["metadata"] == entry["metadata"]
         assert row["data_source"] == "reasoning_gym" and spec["config"] == family.get("config", {})
         for response in _responses(entry):
             text = response.split("</think>")[-1]
             assert task(response, row) == float(library.score_answer(extract_answer(text), entry)), (spec, response)
         seen.add(spec["dataset"])
-        # the library's scorer, not a constant: the reference answer scores 1, a number in its place less
-        assert task(f"<answer>{entry['answer']}</answer>", row) == 1.0 or spec["dataset"] == "propositional_logic"
+        # the reference answer scores 1 (propositional_logic has none: any valid conclusion counts)
+        if entry["answer"] is not None:
+            assert task(f"<answer>{entry['answer']}</answer>", row) == 1.0
     assert seen == {f["name"] for f in FAMILIES}
 
 
