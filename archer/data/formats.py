@@ -9,6 +9,8 @@
   ``data-0000i-of-0000n.arrow`` IPC stream files), rows numbered across its files; a
   ``DatasetDict`` folder (``dataset_dict.json``, one such folder per split) with a single split
   is read as that split, with several it must be given as ``FOLDER/SPLIT``.
+* ``builtin:NAME``: a built-in benchmark's rows (:mod:`archer.data.benchmarks`), read from an
+  installed package, numbered from 1; they are already in Archer's row form.
 
 JSON text is UTF-8, with or without a byte-order mark (Windows editors and some exporters write
 one; read as plain UTF-8 it would break the first record or hide a JSON array's ``[``).
@@ -22,6 +24,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from archer.data.benchmarks import benchmark_rows, is_builtin
 
 __all__ = ["FILE_SUFFIXES", "iter_records", "schema_of", "resolve_dataset_folder"]
 
@@ -113,6 +117,8 @@ def _json_array_records(path: Path) -> Iterator[Record]:
 
 def iter_records(path: str | Path) -> Iterator[Record]:
     """Every record of ``path`` (any format of the module docstring), in order."""
+    if is_builtin(path):
+        return ((number, row, None) for number, row in enumerate(benchmark_rows(str(path)), start=1))
     path = Path(path)
     if path.is_dir():
         files = _arrow_files(path)
@@ -148,9 +154,9 @@ def _json_type(value: Any) -> str:
 
 def schema_of(path: str | Path, sample_rows: int = 100) -> list[tuple[str, str]]:
     """``(column, type)`` pairs: the Arrow schema of Parquet/Arrow data, or for JSON the types seen
-    in the first ``sample_rows`` records (several types joined with ``|``)."""
-    path = Path(path)
-    if path.is_dir() or path.suffix.lower() in (".parquet", ".arrow"):
+    in the first ``sample_rows`` records (several types joined with ``|``), as for a built-in benchmark's rows."""
+    if not is_builtin(path) and (Path(path).is_dir() or Path(path).suffix.lower() in (".parquet", ".arrow")):
+        path = Path(path)
         if path.is_dir():
             schema = _open_arrow(_arrow_files(path)[0]).schema
         elif path.suffix.lower() == ".arrow":

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from archer.data.datamodule import render_prompt
+from archer.data.datamodule import render_row
 from archer.data.formats import schema_of
 from archer.data.rows import RowFields, read_rows
 
@@ -63,8 +63,8 @@ def summarize(
     if not result.rows:
         raise ValueError(f"{path}: no usable row ({result.num_skipped} bad)")
     rendered = [
-        render_prompt(
-            row["prompt"], tokenizer, apply_chat_template=apply_chat_template,
+        render_row(
+            row, tokenizer, apply_chat_template=apply_chat_template,
             system_prompt=system_prompt, prompt_template=prompt_template,
         )
         for row in result.rows

@@ -9,7 +9,12 @@ Field names are dotted paths into nested records: verl-style rows use
 several fields, whose test lists are concatenated (LiveCodeBench's
 ``public_test_cases,private_test_cases``); tests in any format of
 :func:`archer.rewards.code_tests.normalize_tests` (LiveCodeBench, TACO/APPS, compressed) become
-Archer's test dicts. A row needs an answer, or tests, or both.
+Archer's test dicts. A row needs an answer, or tests, or both. A row with ``raw_prompt: true``
+holds a completion prompt (HumanEval's): it is tokenized as it is, without chat template, system
+prompt or prompt template (:func:`archer.data.render_row`).
+
+``builtin:NAME`` instead of a file reads a built-in benchmark (:mod:`archer.data.benchmarks`),
+whose rows are already in this form: the field names are not looked up in them.
 
 A bad row (broken JSON, a missing field, a wrong type, an empty prompt, unreadable tests) raises
 ``BadRowError`` naming ``file:line:field``, or — with ``skip_bad_rows=True`` — is skipped and
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from archer.data.benchmarks import RAW_PROMPT_KEY, benchmark_rows, is_builtin
 from archer.data.formats import iter_records
 from archer.rewards.code_tests import normalize_tests
 
@@ -186,6 +192,12 @@ def validate_row(record: Any, fields: RowFields, file: str, line: int) -> dict[s
         raise BadRowError(file, line, answer_path, "missing (a row needs an answer or tests)")
     if answer is not None and not isinstance(answer, str):
         raise BadRowError(file, line, answer_path, f"is {type(answer).__name__}, expected a string")
+    raw = record.get(RAW_PROMPT_KEY, False)
+    if not isinstance(raw, bool):
+        raise BadRowError(file, line, RAW_PROMPT_KEY, f"is {type(raw).__name__}, expected true or false")
+    if raw and not isinstance(prompt, str):
+        raise BadRowError(file, line, fields.prompt,
+                          f"is chat messages, but {RAW_PROMPT_KEY} needs the text to continue")
     data_source = lookup(record, fields.data_source)
     if data_source is not None and not isinstance(data_source, str):
         raise BadRowError(file, line, fields.data_source, f"is {type(data_source).__name__}, expected a string")
@@ -201,11 +213,14 @@ def validate_row(record: Any, fields: RowFields, file: str, line: int) -> dict[s
 
 
 def read_rows(path: str | Path, fields: RowFields = RowFields(), *, skip_bad_rows: bool = False) -> ReadResult:
-    """Read and validate every row of a data file or ``save_to_disk`` folder (:mod:`archer.data.formats`).
+    """Read and validate every row of a data file or ``save_to_disk`` folder (:mod:`archer.data.formats`),
+    or the rows of a built-in benchmark (``builtin:NAME``, taken as they are).
 
     Logs one warning per file whose answers are read from ``reward_model.ground_truth`` by
     :func:`answer_field`'s fallback.
     """
+    if is_builtin(path):
+        return ReadResult(rows=benchmark_rows(str(path)), num_skipped=0)
     rows, num_skipped, fallback_said = [], 0, False
     for line, record, error in iter_records(path):
         try:

@@ -14,6 +14,10 @@ Scoring reads only the start of a response. Two rules are used, both written out
 
 Reading only the start lets a model be scored with a small ``max_new_tokens`` and ignores
 whatever it writes after its answer.
+
+:class:`ReasoningGymTask` draws its rows from reasoning-gym's generators instead (100+ families,
+an optional package) and scores them with each family's own scorer
+(:class:`archer.rewards.ReasoningGymReward`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,15 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from typing import Any
 
+from archer.rewards.reasoning import DEFAULT_THINK_END
+from archer.rewards.reasoning_gym import (
+    INSTALL_REASONING_GYM,
+    REASONING_GYM_KEY,
+    ReasoningGymReward,
+    reasoning_gym_dataset,
+)
+from archer.seeding import derive_seed
+
 __all__ = [
     "SyntheticTask",
     "DigitCopyTask",
@@ -32,6 +45,7 @@ __all__ = [
     "AdditionTask",
     "ReverseTask",
     "CountdownTask",
+    "ReasoningGymTask",
     "first_char",
     "first_word",
 ]
@@ -54,9 +68,10 @@ class SyntheticTask(ABC):
     data_source: str = "synthetic"
     """Name stored in each row's ``data_source`` (used to report metrics per source)."""
 
-    @abstractmethod
     def make_row(self, rng: random.Random) -> dict[str, Any]:
-        """One row ``{"prompt", "answer", ...}`` drawn with ``rng``; ``data_source`` is added by ``rows``."""
+        """One row ``{"prompt", "answer", ...}`` drawn with ``rng``; ``data_source`` is added by ``rows``.
+        The tasks here implement it; a task that generates its rows another way overrides ``rows``."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither make_row nor rows")
 
     @abstractmethod
     def score(self, response: str, row: dict[str, Any]) -> float:
@@ -240,3 +255,108 @@ class CountdownTask(SyntheticTask):
         except (SyntaxError, ValueError, RecursionError):
             return 0.0
         return float(value == row["target"] and Counter(leaves) == Counter(row["numbers"]))
+
+
+class ReasoningGymTask(SyntheticTask):
+    """Rows of reasoning-gym task families, mixed by weight, scored by each family's own scorer.
+
+    ``datasets`` lists the families: a name (``"chain_sum"``), or ``{"name", "weight" (default 1),
+    "config" (default {}: the family's defaults)}`` where ``config`` holds the keyword arguments of
+    the family's config class (``reasoning_gym.create_dataset(name, **config)``; ``seed`` and
+    ``size`` are set here). Row ``i`` of ``rows(num, seed)`` belongs to a family drawn with the
+    weights from ``random.Random(seed)``, and is item ``i`` of that family's data set generated with
+    ``size=num`` and a seed derived from ``(seed, family)``; so rows depend only on ``(num, seed)``
+    and, for every family whose items do not depend on ``size`` (all but ``acre``), a longer list
+    extends a shorter one. A row is ``{"prompt": question, "answer", "metadata", "reasoning_gym":
+    {"dataset", "config", "seed"}, "data_source": "reasoning_gym"}``: what the scorer needs, which
+    rebuilds the family's data set from it (:class:`archer.rewards.ReasoningGymReward`). The family
+    is ``row["reasoning_gym"]["dataset"]``.
+
+    In YAML::
+
+        data:
+          task:
+            class_path: archer.data.tasks.ReasoningGymTask
+            init_args:
+              datasets:
+                - {name: chain_sum, weight: 2, config: {min_terms: 2, max_terms: 2, max_digits: 1}}
+                - gcd
+              answer_tag: null      # the whole response is the answer (a model prompted to answer directly)
+
+    Needs the package: ``pip install reasoning-gym`` (or ``bash install.sh evals``).
+    """
+
+    data_source = "reasoning_gym"
+
+    def __init__(
+        self,
+        datasets: list[str | dict[str, Any]],
+        answer_tag: str | None = "answer",
+        think_end: str | None = DEFAULT_THINK_END,
+    ) -> None:
+        """
+        Args:
+            datasets: The families: names, or ``{"name", "weight", "config"}`` dicts (see the class docstring).
+            answer_tag: The answer is the content of the last ``<answer_tag>...</answer_tag>`` of a response
+                (reasoning-gym's convention; put its instruction in ``data.system_prompt``); None: the whole
+                response, stripped.
+            think_end: End-of-thinking marker: only the text after it is read (None: the whole response).
+        """
+        try:
+            from reasoning_gym.factory import DATASETS
+        except ImportError as error:
+            raise ImportError(f"ReasoningGymTask needs reasoning-gym: {INSTALL_REASONING_GYM}") from error
+        if not datasets:
+            raise ValueError("ReasoningGymTask needs at least one data set")
+        self.datasets: list[dict[str, Any]] = []
+        for entry in datasets:
+            spec = {"name": entry} if isinstance(entry, str) else dict(entry)
+            unknown = set(spec) - {"name", "weight", "config"}
+            if unknown or "name" not in spec:
+                raise ValueError(f"ReasoningGymTask data set {entry!r}: expected a name or {{name, weight, config}}")
+            name, weight, config = spec["name"], float(spec.get("weight", 1.0)), dict(spec.get("config") or {})
+            if name not in DATASETS:
+                raise ValueError(f"ReasoningGymTask: no reasoning-gym data set {name!r}; "
+                                 f"there are {len(DATASETS)}, e.g. {', '.join(sorted(DATASETS)[:8])}, ...")
+            if weight <= 0:
+                raise ValueError(f"ReasoningGymTask data set {name!r}: weight must be > 0, got {weight}")
+            if {"seed", "size"} & config.keys():
+                raise ValueError(f"ReasoningGymTask data set {name!r}: config sets seed/size, which come from "
+                                 "data.seed and data.train_size / val_size")
+            try:
+                checked = DATASETS[name][1](**config)
+                if hasattr(checked, "validate"):
+                    checked.validate()
+            except (TypeError, AssertionError, ValueError) as error:
+                raise ValueError(f"ReasoningGymTask data set {name!r}: bad config {config}: {error}") from error
+            self.datasets.append({"name": name, "weight": weight, "config": config})
+        names = [d["name"] for d in self.datasets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"ReasoningGymTask: a data set is listed twice: {names}")
+        self.reward = ReasoningGymReward(answer_tag=answer_tag, think_end=think_end)
+
+    def rows(self, num: int, seed: int) -> list[dict[str, Any]]:
+        if num < 0:
+            raise ValueError(f"num must be >= 0, got {num}")
+        rng = random.Random(seed)
+        seeds = {d["name"]: derive_seed("reasoning-gym", seed, d["name"]) for d in self.datasets}
+        generators = {
+            d["name"]: reasoning_gym_dataset(d["name"], {**d["config"], "size": max(num, 1)}, seeds[d["name"]])
+            for d in self.datasets
+        }
+        families = rng.choices(self.datasets, weights=[d["weight"] for d in self.datasets], k=num)
+        rows = []
+        for index, family in enumerate(families):
+            name = family["name"]
+            entry = generators[name][index]
+            rows.append({
+                "prompt": entry["question"],
+                "answer": entry["answer"],
+                "metadata": entry["metadata"],
+                REASONING_GYM_KEY: {"dataset": name, "config": family["config"], "seed": seeds[name]},
+                "data_source": self.data_source,
+            })
+        return rows
+
+    def score(self, response: str, row: dict[str, Any]) -> float:
+        return self.reward(response, row)

@@ -24,13 +24,17 @@ PAPER_SAMPLING: dict[str, tuple[float, float]] = {"math": (0.6, 0.95), "code": (
 class EvalConfig:
     """What to evaluate, how to sample and grade it, and where the results go."""
 
-    model: str
+    model: str | list[str]
     """A Hugging Face model folder, or an Archer Lightning checkpoint (a ``.ckpt`` file, or the folder
-    FSDP2's ``ModelParallelStrategy`` saves), exported to ``OUT/model`` first."""
+    FSDP2's ``ModelParallelStrategy`` saves), exported to ``OUT/model`` first. Several (a list, each
+    ``MODEL`` or ``NAME=MODEL``): each is evaluated into ``OUT/NAME`` and the models are compared in
+    one table (:func:`archer.eval.evaluate_models`)."""
     data: dict[str, str]
-    """Benchmarks, name -> data file (any format ``archer data`` reads)."""
+    """Benchmarks, name -> data file (any format ``archer data`` reads) or a built-in benchmark,
+    ``builtin:NAME`` (``aime24``, ``aime25``, ``cnmo``, ``math500``, ``humaneval``; :mod:`archer.data.benchmarks`)."""
     out: str
-    """Output folder: ``samples.jsonl``, ``results.json``, ``results.md`` (an existing one is resumed)."""
+    """Output folder: ``samples.jsonl``, ``results.json``, ``results.md`` (an existing one is resumed);
+    with several models one such folder per model and ``table.md``, ``table.png``, ``table.json``."""
     n: int = 16
     """Samples per problem (avg@n)."""
     k: list[int] = field(default_factory=lambda: [1])

@@ -20,7 +20,7 @@ from typing import Any
 
 from archer.export import export_checkpoint, is_distributed_checkpoint
 
-__all__ = ["SOURCE_FILE", "checkpoint_fingerprint", "prepare_model", "model_label"]
+__all__ = ["SOURCE_FILE", "checkpoint_fingerprint", "prepare_model", "model_label", "parse_model", "model_names"]
 
 SOURCE_FILE = "archer_source.json"
 """In ``OUT/model``: :func:`checkpoint_fingerprint` of the checkpoint it was exported from."""
@@ -91,3 +91,27 @@ def model_label(model: str) -> str:
     if checkpoint and path.parent.parent.name:
         name = f"{path.parent.parent.name}/{name}"
     return name or "model"
+
+
+def parse_model(spec: str) -> tuple[str | None, str]:
+    """``(name, model)`` of ``NAME=MODEL`` (a name without ``/``, and no such file or folder as the
+    whole string), else ``(None, spec)``."""
+    name, sep, model = spec.partition("=")
+    if sep and name and model and "/" not in name and not Path(spec).exists():
+        return name, model
+    return None, spec
+
+
+def model_names(specs: list[str]) -> dict[str, str]:
+    """Name -> model of several ``MODEL`` or ``NAME=MODEL``; a model without a name is named by
+    :func:`model_label` (``/`` written ``_``: the name is also its output folder's). Two of the same
+    name are refused."""
+    named: dict[str, str] = {}
+    for spec in specs:
+        name, model = parse_model(spec)
+        name = name or model_label(model).replace("/", "_")
+        if name in named or name in (".", ".."):
+            raise ValueError(f"two models are named {name!r} ({named.get(name)} and {model}): name them, "
+                             "e.g. archer eval base=MODEL_A trained=MODEL_B ...")
+        named[name] = model
+    return named

@@ -21,7 +21,7 @@ from typing import Any
 from archer.eval.records import SampleRecord
 from archer.eval.stats import bootstrap_interval, maj_at_k, mean, pass_at_k_of
 
-__all__ = ["dataset_results", "write_results", "format_markdown"]
+__all__ = ["per_problem_values", "dataset_results", "write_results", "format_markdown"]
 
 
 def _by_problem(records: list[SampleRecord], n: int) -> list[list[SampleRecord]]:
@@ -39,19 +39,10 @@ def _by_problem(records: list[SampleRecord], n: int) -> list[list[SampleRecord]]
     return problems
 
 
-def dataset_results(
-    records: list[SampleRecord], n: int, ks: list[int], *, majority: bool, num_resamples: int = 2000, seed: int = 0
-) -> dict[str, Any]:
-    """The figures of one data set from its records (every problem must have samples ``0..n-1``).
-
-    Args:
-        records: the data set's sample records.
-        n: samples per problem.
-        ks: the k of pass@k (and maj@k), each ``<= n``.
-        majority: compute maj@k (math: the reward extracts answers).
-        num_resamples: bootstrap resamples for the intervals.
-        seed: bootstrap seed.
-    """
+def per_problem_values(records: list[SampleRecord], n: int, ks: list[int], *, majority: bool) -> dict[str, list[float]]:
+    """Each figure's value per problem, in problem order: ``avg@n``, ``mean_length``,
+    ``truncation_rate``, ``pass@<k>`` and (with ``majority``) ``maj@<k>`` for every k of ``ks``
+    (every problem must have samples ``0..n-1``)."""
     problems = _by_problem(records, n)
     correct = [[r.score >= 1.0 for r in samples] for samples in problems]
     per_problem: dict[str, list[float]] = {
@@ -65,6 +56,23 @@ def dataset_results(
             per_problem[f"maj@{k}"] = [
                 maj_at_k([r.answer for r in samples], flags, k) for samples, flags in zip(problems, correct)
             ]
+    return per_problem
+
+
+def dataset_results(
+    records: list[SampleRecord], n: int, ks: list[int], *, majority: bool, num_resamples: int = 2000, seed: int = 0
+) -> dict[str, Any]:
+    """The figures of one data set from its records (every problem must have samples ``0..n-1``).
+
+    Args:
+        records: the data set's sample records.
+        n: samples per problem.
+        ks: the k of pass@k (and maj@k), each ``<= n``.
+        majority: compute maj@k (math: the reward extracts answers).
+        num_resamples: bootstrap resamples for the intervals.
+        seed: bootstrap seed.
+    """
+    per_problem = per_problem_values(records, n, ks, majority=majority)
     value = {name: mean(values) for name, values in per_problem.items()}
     interval = {
         name: list(bootstrap_interval(values, num_resamples=num_resamples, seed=seed))
@@ -78,7 +86,7 @@ def dataset_results(
             out["maj@k"] = {str(k): source[f"maj@{k}"] for k in ks}
         return out
 
-    return {"n": n, "num_problems": len(problems), **grouped(value), "ci95": grouped(interval)}
+    return {"n": n, "num_problems": len(per_problem["avg@n"]), **grouped(value), "ci95": grouped(interval)}
 
 
 def _percent(value: float) -> str:
@@ -125,6 +133,9 @@ def format_markdown(results: dict[str, dict[str, Any]], model: str) -> str:
     if extract:
         counts = ", ".join(f"{name} {results[name]['extract_errors']}" for name in extract)
         lines.append(f"Responses whose answer extraction failed (no maj@k vote): {counts}.")
+    builtin = [f"{name}: {results[name]['benchmark']}" for name in names if "benchmark" in results[name]]
+    if builtin:  # what a built-in name stands for (AIME 2025 is part I only, MATH-500 a subset)
+        lines.append("Built-in benchmarks: " + "; ".join(builtin) + ".")
     omitted = [f"{name} ({results[name]['maj@k_omitted']})" for name in names if "maj@k_omitted" in results[name]]
     if omitted:
         lines.append("maj@k not reported for: " + "; ".join(omitted) + ".")

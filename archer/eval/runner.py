@@ -2,9 +2,11 @@
 
 The run, per data set:
 
-1. read and validate the rows (:func:`archer.data.read_rows`), render the prompts as training
-   does (chat template, prompt template, system prompt), and pick the domain (``code`` when the
-   rows have tests, else ``math``), the reward (``MathReward`` / ``CodeReward`` unless one is
+1. read and validate the rows (:func:`archer.data.read_rows`; ``builtin:NAME`` reads a built-in
+   benchmark from its package, :mod:`archer.data.benchmarks`), render the prompts as training
+   does (chat template, prompt template, system prompt; a completion prompt, ``raw_prompt``, as it
+   is), and pick the domain (``code`` when the rows have tests, else ``math``), the reward
+   (``MathReward`` / ``CodeReward``, ``CompletionCodeReward`` for completion prompts, unless one is
    given; a reward with ``check_data_sources`` — ``RoutedReward`` — must know every source) and
    the sampling (the paper's per domain unless overridden);
 2. walk the problems in chunks of ``chunk_size``: each chunk is sampled in one call with a seed
@@ -36,18 +38,19 @@ from __future__ import annotations
 import json
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from archer.data.datamodule import render_prompt
+from archer.data.benchmarks import RAW_PROMPT_KEY, benchmark_of, builtin_source, is_builtin
+from archer.data.datamodule import render_row
 from archer.data.rows import RowFields, read_rows
 from archer.eval.config import PAPER_SAMPLING, EvalConfig
 from archer.eval.engines import build_engine, resolve_engine
-from archer.eval.model import model_label, prepare_model
+from archer.eval.model import model_label, parse_model, prepare_model
 from archer.eval.records import SampleRecord, append_records, load_records, rewrite_records
 from archer.eval.results import dataset_results, write_results
-from archer.rewards import CodeReward, MathReward, Reward, RewardRunner
+from archer.rewards import CodeReward, CompletionCodeReward, MathReward, Reward, RewardRunner
 from archer.rollout import RolloutEngine, SamplingConfig
 from archer.seeding import derive_seed
 
@@ -77,6 +80,8 @@ class _Dataset:
     domain: str
     reward: Reward
     sampling: SamplingConfig
+    builtin: str | None
+    """What a built-in benchmark is and where it was read from (None for a file)."""
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -123,6 +128,20 @@ def _domain(name: str, rows: list[dict], config: EvalConfig) -> str:
     return "code" if with_tests else "math"
 
 
+def _default_reward(name: str, rows: list[dict], domain: str, rewards: dict[str, Reward]) -> Reward:
+    """``MathReward`` for math, ``CodeReward`` for code, ``CompletionCodeReward`` for code rows that are
+    completion prompts (``raw_prompt``: HumanEval); one object per kind, shared by the data sets."""
+    if domain == "math":
+        return rewards.setdefault("math", MathReward())
+    completions = sum(bool(row.get(RAW_PROMPT_KEY)) for row in rows)
+    if 0 < completions < len(rows):
+        raise ValueError(f"data set {name!r}: {completions} of {len(rows)} rows are completion prompts "
+                         f"({RAW_PROMPT_KEY}); give a reward explicitly")
+    if completions:
+        return rewards.setdefault("completion", CompletionCodeReward())
+    return rewards.setdefault("code", CodeReward())
+
+
 def _load_datasets(config: EvalConfig, tokenizer: Any) -> list[_Dataset]:
     fields = RowFields(prompt=config.prompt_key, answer=config.answer_key, tests=config.tests_key,
                        data_source=config.data_source_key)
@@ -133,9 +152,7 @@ def _load_datasets(config: EvalConfig, tokenizer: Any) -> list[_Dataset]:
         if not rows:
             raise ValueError(f"data set {name!r} ({file}) has no rows")
         domain = _domain(name, rows, config)
-        reward = config.reward
-        if reward is None:
-            reward = default_rewards.setdefault(domain, MathReward() if domain == "math" else CodeReward())
+        reward = config.reward if config.reward is not None else _default_reward(name, rows, domain, default_rewards)
         check = getattr(reward, "check_data_sources", None)
         if check is not None:
             check(row["data_source"] for row in rows)
@@ -148,11 +165,12 @@ def _load_datasets(config: EvalConfig, tokenizer: Any) -> list[_Dataset]:
             max_new_tokens=config.max_new_tokens,
         )
         prompt_ids = [
-            render_prompt(row["prompt"], tokenizer, apply_chat_template=config.apply_chat_template,
-                          system_prompt=config.system_prompt, prompt_template=config.prompt_template)[1]
+            render_row(row, tokenizer, apply_chat_template=config.apply_chat_template,
+                       system_prompt=config.system_prompt, prompt_template=config.prompt_template)[1]
             for row in rows
         ]
-        datasets.append(_Dataset(name, file, rows, prompt_ids, domain, reward, sampling))
+        builtin = f"{benchmark_of(file).description} ({builtin_source(file)})" if is_builtin(file) else None
+        datasets.append(_Dataset(name, file, rows, prompt_ids, domain, reward, sampling, builtin))
     return datasets
 
 
@@ -169,8 +187,9 @@ def _settings(config: EvalConfig, engine: str, datasets: list[_Dataset]) -> dict
         "prompt": {"template": config.prompt_template, "system": config.system_prompt,
                    "chat_template": config.apply_chat_template},
         "datasets": {
-            d.name: {"file": str(Path(d.file).resolve()), "num_problems": len(d.rows), "domain": d.domain,
-                     "sampling": _describe(d.sampling), "reward": _describe(d.reward)}
+            d.name: {"file": d.file if d.builtin else str(Path(d.file).resolve()), "num_problems": len(d.rows),
+                     "domain": d.domain, "sampling": _describe(d.sampling), "reward": _describe(d.reward),
+                     **({"builtin": d.builtin} if d.builtin else {})}
             for d in datasets
         },
     }
@@ -287,10 +306,16 @@ def _has_majority(d: _Dataset) -> bool:
 
 
 def evaluate(config: EvalConfig) -> dict[str, dict[str, Any]]:
-    """Run (or resume) the eval of ``config``; write ``samples.jsonl``, ``results.json``,
-    ``results.md`` under ``config.out`` and return the results."""
+    """Run (or resume) the eval of ``config``'s one model (``MODEL`` or ``NAME=MODEL``: NAME labels
+    it in ``results.md``); write ``samples.jsonl``, ``results.json``, ``results.md`` under
+    ``config.out`` and return the results."""
     from transformers import AutoTokenizer
 
+    specs = config.model if isinstance(config.model, list) else [config.model]
+    if len(specs) != 1:
+        raise ValueError(f"evaluate takes one model, got {len(specs)}: use archer.eval.evaluate_models for several")
+    name, model = parse_model(specs[0])
+    config = replace(config, model=model)
     if not config.k:
         raise ValueError("k is empty: give at least one k for pass@k / maj@k (e.g. --k 1 or k: [1])")
     if config.n < 1:
@@ -354,8 +379,9 @@ def evaluate(config: EvalConfig) -> dict[str, dict[str, Any]]:
         figures = dataset_results([r for r in records if r.dataset == d.name], config.n, sorted(set(config.k)),
                                   majority=_has_majority(d), num_resamples=config.num_bootstrap, seed=config.seed)
         grading = _grading_summary(d, reward_errors.get(d.name, {}), -(-len(d.rows) // config.chunk_size))
-        results[d.name] = {**figures, **grading, "domain": d.domain, "file": d.file,
+        builtin = {"benchmark": d.builtin} if d.builtin else {}
+        results[d.name] = {**figures, **grading, "domain": d.domain, "file": d.file, **builtin,
                            "sampling": {"temperature": d.sampling.temperature, "top_p": d.sampling.top_p,
                                         "top_k": d.sampling.top_k, "max_new_tokens": d.sampling.max_new_tokens}}
-    write_results(out_dir, results, model_label(config.model))
+    write_results(out_dir, results, name or model_label(model))
     return results
