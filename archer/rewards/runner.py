@@ -19,6 +19,9 @@ the batch is split into one contiguous chunk per worker, a chunk of ``k`` respon
 ``k × timeout_s``, and a chunk that raises or times out scores 0 for all of its responses (a
 non-finite score is still an error of its response only).
 
+On the training thread, scoring is the watchdog's ``reward`` phase (:mod:`archer.watchdog`), whose
+deadline bounds a batch whatever its size (each call is bounded by ``timeout_s`` already).
+
 Workers ignore Ctrl-C (SIGINT reaches the whole process group): the parent decides what an
 interrupt stops, and kills them in :meth:`RewardRunner.close`.
 """
@@ -35,6 +38,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
+from archer import watchdog
 from archer.rewards.base import Reward, is_batched
 
 __all__ = ["RewardResult", "RewardRunner"]
@@ -167,6 +171,11 @@ class RewardRunner:
             raise ValueError(f"RewardRunner.score: {len(responses)} responses but {len(rows)} rows")
         if not self._workers:
             raise RuntimeError("RewardRunner.score called after close()")
+        pids = ", ".join(str(worker.process.pid) for worker in self._workers)
+        with watchdog.phase("reward", f"reward workers (pids {pids})"):
+            return self._score(responses, rows)
+
+    def _score(self, responses: list[str], rows: list[dict]) -> RewardResult:
         result = RewardResult(scores=[0.0] * len(responses))
         pending = deque(self._units(len(responses)))
         busy: dict[multiprocessing.connection.Connection, _Worker] = {}
