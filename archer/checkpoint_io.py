@@ -108,9 +108,9 @@ class _WriteErrors:
 
 def _write_failed(target: Path, err: BaseException) -> str:
     reason = os.strerror(err.errno) if isinstance(err, OSError) and err.errno else str(err).splitlines()[0]
-    previous = "the previous checkpoint there is untouched" if target.exists() else "no earlier checkpoint had that name"
-    return (f"writing the checkpoint {target} failed ({reason}); {previous} (the new one is written beside it and "
-            "renamed into place only when complete): free space and resume with --ckpt_path last")
+    return (f"writing the checkpoint {target} failed ({reason}); the checkpoints already in {target.parent} are "
+            "untouched (a new one is written beside them and renamed into place only when complete): free space, "
+            "then resume with --ckpt_path last")
 
 
 # ---------------------------------------------------------------------------- any strategy

@@ -22,6 +22,10 @@ and ends the process with :data:`EXIT_CODE` (``os._exit``: the training thread i
 stuck, so nothing can be raised in it; reward workers and launched servers die with their parent).
 The last checkpoint is the run's state; resume with ``--ckpt_path last``.
 
+A phase that ends with an exception instead (a collective whose peer closed its socket, a server
+that answered with an error) adds one line to its traceback: ``archer: rank 0 step 12: raised in the
+update phase, waiting on the other ranks' collectives (2 ranks)``.
+
 Limits: the watchdog is a Python thread, so a hang inside C code that holds the GIL (none of torch's
 collectives, vLLM's steps or socket reads do) would stop it too.
 """
@@ -75,6 +79,14 @@ def phase(name: str, waits_on: str | None = None) -> contextlib.AbstractContextM
     if watchdog is None or threading.get_ident() != watchdog.owner:
         return contextlib.nullcontext()
     return watchdog.phase(name, waits_on)
+
+
+def _note_phase(error: Exception, note: str) -> None:
+    """Add the innermost phase an exception left to its traceback (once: the outer phases it crosses
+    keep the first note)."""
+    if any(n.startswith("archer: rank") for n in getattr(error, "__notes__", [])):
+        return
+    error.add_note(note)
 
 
 @dataclass
@@ -148,6 +160,10 @@ class Watchdog:
             self._last_beat = None
         try:
             yield
+        except Exception as err:
+            _note_phase(err, f"archer: rank {self.rank} step {self.step()}: raised in the {name} phase"
+                        + (f", waiting on {waits_on}" if waits_on else ""))
+            raise
         finally:
             with self._lock:
                 self._open.pop()
