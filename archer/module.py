@@ -320,7 +320,7 @@ class ArcherModule(L.LightningModule):
         )
         self._weight_check = WeightCheck(self.weight_check, self.rollout, asynchronous=self.async_rollout is not None,
                                          trainer_dtype=self.fsdp_compute_dtype or self.dtype_name,
-                                         checkpoint_dtype=str(self.actor.config.torch_dtype))
+                                         checkpoint_dtype=str(self.actor.config.dtype))
 
     def configure_callbacks(self) -> list[L.Callback]:
         # Lightning's exception path skips teardown: stop the threads there too.

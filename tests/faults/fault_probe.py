@@ -36,6 +36,7 @@ class SigtermAtStep(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
+            print(f"fault: SIGTERM at {time.time():.3f}", flush=True)
             os.kill(os.getpid(), signal.SIGTERM)
 
 
