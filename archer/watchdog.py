@@ -204,7 +204,7 @@ class Watchdog:
                 return (f"the {open_phase.name} phase{inner} ran past its deadline (watchdog.{field} = "
                         f"{deadline:g} s){on}")
         if config.stall_s and last_beat is not None and now - last_beat > config.stall_s:
-            return (f"generation in the {opened[-1].name} phase made no progress for {now - last_beat:.0f} s "
+            return (f"generation in the {opened[-1].name} phase made no progress for {now - last_beat:.3g} s "
                     f"(watchdog.stall_s = {config.stall_s:g} s){on}")
         return None
 
