@@ -120,6 +120,14 @@ def _worker_loop(
         connection.send(_score_items(reward, responses, rows))
 
 
+def _how_it_ended(exitcode: int | None) -> str:
+    if exitcode == -signal.SIGKILL:
+        return "was killed by SIGKILL (the kernel's out-of-memory killer sends it)"
+    if exitcode is not None and exitcode < 0:
+        return f"was killed by signal {signal.Signals(-exitcode).name}"
+    return f"died (exit code {exitcode})"
+
+
 class _Worker:
     def __init__(self, context: multiprocessing.context.BaseContext, reward: Reward) -> None:
         self.connection, child_end = context.Pipe()
@@ -198,8 +206,10 @@ class RewardRunner:
                 try:
                     answers = connection.recv()
                 except (EOFError, OSError):
+                    worker.process.join(timeout=5)  # its exit status, for the message
+                    how = _how_it_ended(worker.process.exitcode)
                     for item in worker.unit:
-                        record_error(f"reward worker died (exit code {worker.process.exitcode}) on item {item}")
+                        record_error(f"reward worker (pid {worker.process.pid}) {how} on item {item}")
                     self._replace(worker)
                     continue
                 for item, (ok, value) in zip(worker.unit, answers):

@@ -115,7 +115,7 @@ class KillServerMidGeneration(L.Callback):
             while not engine.servers or not any(s.inflight for s in engine.servers):
                 time.sleep(0.001)
             server = engine.servers[0]
-            print(f"fault: SIGKILL server {server.url} (pid {server.process.pid}) at {time.time():.3f}", flush=True)
+            print(f"fault: SIGKILL server {server.url} at {time.time():.3f}", flush=True)
             os.killpg(server.process.pgid, signal.SIGKILL)
 
         threading.Thread(target=kill_when_busy, daemon=True).start()
@@ -168,3 +168,32 @@ def report_detection(log: Path, fault: str) -> float:
     seconds = time.time() - started
     print(f"{fault}: the run ended {seconds:.1f} s later")
     return seconds
+
+
+def fsdp2_remote_setup(rank: int, world: int, init_file: str, url: str, model_dir: str, weights_dir: str,
+                       done_dir: str) -> None:
+    """One rank of an FSDP2 actor whose ranks share the server ``url``: ``RemoteVLLMEngine.setup``
+    (rank 0 pushes the weights as version 0), then a barrier; writes ``done_dir/rank{rank}`` after it.
+    (``torch.multiprocessing.spawn`` target; a 30 s process-group timeout ends a mismatch.)"""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers import AutoModelForCausalLM
+
+    from archer.models import fully_shard_decoder
+    from archer.rollout import RemoteVLLMEngine
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=30))
+    try:
+        actor = AutoModelForCausalLM.from_pretrained(model_dir).float()
+        fully_shard_decoder(actor, init_device_mesh("cpu", (world,)), None)
+        engine = RemoteVLLMEngine(urls=[url], transport="files", weights_dir=weights_dir, startup_timeout_s=30)
+        engine.setup(actor, None, model_dir)
+        dist.barrier()
+        Path(done_dir, f"rank{rank}").write_text(str(engine.version))
+        engine.close()
+    finally:
+        dist.destroy_process_group()
