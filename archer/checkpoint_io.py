@@ -39,7 +39,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from archer.watchdog import Watchdog
 
-__all__ = ["AtomicCheckpointIO", "CheckpointWriteError", "CorruptCheckpointError", "check_readable", "guard_checkpoints"]
+__all__ = ["AtomicCheckpointIO", "CheckpointWriteError", "CorruptCheckpointError", "check_readable",
+           "guard_checkpoints"]
 
 
 class CheckpointWriteError(OSError):
@@ -123,7 +124,8 @@ def guard_checkpoints(strategy: Any, watchdog: Watchdog) -> None:
         return
     save, load = strategy.save_checkpoint, strategy.load_checkpoint
 
-    def save_checkpoint(checkpoint: dict[str, Any], filepath: str | os.PathLike, storage_options: Any | None = None) -> None:
+    def save_checkpoint(checkpoint: dict[str, Any], filepath: str | os.PathLike,
+                        storage_options: Any | None = None) -> None:
         with watchdog.phase("checkpoint", f"the checkpoint {filepath}"):
             if getattr(strategy, "_save_distributed_checkpoint", False):  # ModelParallelStrategy's folders
                 _save_folder(strategy, save, checkpoint, Path(strategy.broadcast(str(filepath))))

@@ -31,9 +31,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoTokenizer
 
 from archer.actor import Actor
-from archer.checkpoint_io import guard_checkpoints
 from archer.algorithms import AdvantageEstimator
 from archer.async_rollout import AsyncSampler
+from archer.checkpoint_io import guard_checkpoints
 from archer.config import (
     AsyncRolloutConfig,
     DynamicSamplingConfig,
@@ -318,9 +318,10 @@ class ArcherModule(L.LightningModule):
             kl_in_reward=self.kl_in_reward, rollout_correction=self.rollout_correction,
             engine_matches_trainer=matches, behaviour_ratio=behaviour, old_logprob_from_update=reason is None,
         )
-        self._weight_check = WeightCheck(self.weight_check, self.rollout, asynchronous=self.async_rollout is not None,
-                                         trainer_dtype=self.fsdp_compute_dtype or self.dtype_name,
-                                         checkpoint_dtype=str(self.actor.config.dtype))
+        self._weight_check = WeightCheck(
+            self.weight_check, self.rollout, asynchronous=self.async_rollout is not None, collectives=self.collectives,
+            trainer_dtype=self.fsdp_compute_dtype or self.dtype_name, checkpoint_dtype=str(self.actor.config.dtype),
+        )
 
     def configure_callbacks(self) -> list[L.Callback]:
         # Lightning's exception path skips teardown: stop the threads there too.
@@ -385,7 +386,8 @@ class ArcherModule(L.LightningModule):
         self.policy.forward_passes.clear()
         step, t0 = self.global_step, time.perf_counter()
         self.actor.eval()  # rollout and old log-probs without dropout
-        ranks = f"the other ranks' collectives ({self.trainer.world_size} ranks)" if self.trainer.world_size > 1 else None
+        world = self.trainer.world_size
+        ranks = f"the other ranks' collectives ({world} ranks)" if world > 1 else None  # what the watchdog names
         with self.watchdog.phase("rollout", getattr(self.rollout, "endpoint", None)):
             if self._async is None:  # 1. sample n completions per prompt and score them
                 scored, stale = self._rollouts().collect(batch, step), None
@@ -405,7 +407,7 @@ class ArcherModule(L.LightningModule):
             result = self.policy.update(exp, optimizer.optimizer, seeds=self._seeds, step=step, last_step=optimizer.step)
             self.lr_schedulers().step()  # once per RL step (verl's convention): warmup and cosine count RL steps
             self.experience.complete(exp, result.old_logprob)  # on-policy: π_old came from the update's forward
-            self._weight_check.finite(self.actor, self.collectives, step)  # before it is checkpointed or synced
+            self._weight_check.finite(self.actor, step)  # before it is checkpointed or synced
         t3 = time.perf_counter()
         self._count_skipped(result.empty_steps, result.nonfinite_steps)  # 4. the skipped-step rules
         self._counters["failed_rewards_in_a_row"] = failed_reward_steps(

@@ -33,11 +33,13 @@ EXIT_CODE = 143
 class CheckpointOnSigterm(L.Callback):
     """After the step in which a rank received SIGTERM: ``last.ckpt``, then ``SystemExit(143)``."""
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
         received = torch.tensor(float(trainer.received_sigterm))
         if not float(Collectives().max(received)):
             return
-        checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath), None)
+        checkpoints = trainer.checkpoint_callbacks
+        checkpoint = next((c for c in checkpoints if isinstance(c, ModelCheckpoint) and c.dirpath), None)
         if checkpoint is None:
             saved = "no ModelCheckpoint in trainer.callbacks: nothing was saved"
         else:
@@ -45,5 +47,6 @@ class CheckpointOnSigterm(L.Callback):
             trainer.save_checkpoint(path)
             saved = f"saved {path}; resume with the same command and --ckpt_path last"
         if trainer.is_global_zero:
-            print(f"archer: SIGTERM received: stopped after step {trainer.global_step} and {saved}", file=sys.stderr, flush=True)
+            print(f"archer: SIGTERM received: stopped after step {trainer.global_step} and {saved}", file=sys.stderr,
+                  flush=True)
         raise SystemExit(EXIT_CODE)

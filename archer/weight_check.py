@@ -96,13 +96,15 @@ class WeightCheck:
         asynchronous: Rollouts come from the asynchronous producer.
         trainer_dtype: The dtype the trainer computes log-probs in.
         checkpoint_dtype: The checkpoint's dtype (what a vLLM engine with ``dtype: auto`` loads).
+        collectives: Over the ranks: a stale sample on any rank stops every rank.
     """
 
     def __init__(self, config: WeightCheckConfig, engine, *, asynchronous: bool, trainer_dtype: str,
-                 checkpoint_dtype: str) -> None:
+                 checkpoint_dtype: str, collectives: Collectives) -> None:
         self.config = config
         self.engine = engine
         self.asynchronous = asynchronous
+        self.collectives = collectives
         stale = config.on_stale if config.on_stale != "auto" else ("drop" if asynchronous else "error")
         self.stops_on_stale = stale == "error"
         self.trainer_dtype, self.checkpoint_dtype = trainer_dtype, checkpoint_dtype.removeprefix("torch.")
@@ -126,37 +128,42 @@ class WeightCheck:
         return f"{type(self.engine).__name__} ({getattr(self.engine, 'endpoint', 'its own weights')})"
 
     def versions(self, scored: ScoredGroups, step: int, n: int, stale_dropped: int = 0) -> VersionReport | None:
-        """Check this step's sample versions; drop (mask out of ``scored.keep``) or refuse stale ones.
-        ``stale_dropped``: samples the asynchronous sampler dropped beyond ``max_staleness``. None
-        when the engine counts no versions."""
+        """Check this step's sample versions; drop (mask out of ``scored.keep``) or refuse stale ones
+        (on every rank when any rank has one). ``stale_dropped``: samples the asynchronous sampler
+        dropped beyond ``max_staleness``. None when the engine counts no versions."""
         if not hasattr(self.engine, "version"):
             return None
         versions = [c.weight_version for c in scored.samples.completions]
         known = [v for v in versions if v is not None]
         oldest = min(known) if known else None
         if self.asynchronous:
-            if stale_dropped and self.stops_on_stale:
+            if self._stale_anywhere(stale_dropped):
                 raise StaleWeightsError(
-                    f"step {step}: {stale_dropped} samples were sampled by weights more than max_staleness versions "
-                    f"old (oldest: version {oldest}) by {self.engine_name}: a server that missed syncs? "
-                    "(model.weight_check.on_stale: drop trains on without them)")
+                    f"step {step}: samples were sampled by weights more than max_staleness versions old (on this "
+                    f"rank {stale_dropped}, the oldest version {oldest}) by {self.engine_name}: a server that missed "
+                    "syncs? (model.weight_check.on_stale: drop trains on without them)")
             return VersionReport(oldest, stale_dropped)
         if self._first_step is None:
             self._first_step = step - self.engine.version
         expected = step - self._first_step
         wrong = torch.tensor([v is not None and v != expected for v in versions])
-        if not wrong.any():
-            return VersionReport(oldest, 0)
-        if self.stops_on_stale:
+        if self._stale_anywhere(int(wrong.sum())):
             found = sorted({v for v in known if v != expected})
             raise StaleWeightsError(
-                f"step {step}: samples were drawn by weight version {found} of {self.engine_name}, but the trainer "
-                f"synced version {expected} after step {step - 1}: a weight sync was missed (is "
-                "archer.callbacks.WeightSyncCallback in trainer.callbacks?); model.weight_check.on_stale: drop "
-                "trains on without them")
+                f"step {step}: samples were drawn by weight version {found or '(on another rank)'} of "
+                f"{self.engine_name}, but the trainer synced version {expected} after step {step - 1}: a weight sync "
+                "was missed (is archer.callbacks.WeightSyncCallback in trainer.callbacks?); "
+                "model.weight_check.on_stale: drop trains on without them")
+        if not wrong.any():
+            return VersionReport(oldest, 0)
         groups = wrong.view(-1, n).any(-1).repeat_interleave(n)
         scored.keep = scored.keep & ~groups
         return VersionReport(oldest, int(groups.sum()))
+
+    def _stale_anywhere(self, count: int) -> bool:
+        """Whether the run stops on stale samples and some rank has ``count`` > 0 (a collective when
+        it stops on them: every rank must call it)."""
+        return self.stops_on_stale and float(self.collectives.sum(torch.tensor(float(count)))) > 0
 
     def canary(self, gap: float | None, step: int) -> None:
         """Stop the run when this step's canary gap (the same on every rank) is too large or jumped."""
@@ -167,8 +174,9 @@ class WeightCheck:
         if not gap <= self.limit:  # NaN too
             why = f"above the limit {self.limit:g} (model.weight_check.max_gap)"
         elif is_jump(gap, self.gaps, factor=self.config.jump_factor, floor=floor):
-            why = (f"{gap / statistics.median(self.gaps):.0f}× the median of the previous {len(self.gaps)} steps "
-                   f"({statistics.median(self.gaps):.3g}; model.weight_check.jump_factor = {self.config.jump_factor:g})")
+            median = statistics.median(self.gaps)
+            why = (f"{gap / median:.0f}× the median of the previous {len(self.gaps)} steps ({median:.3g}; "
+                   f"model.weight_check.jump_factor = {self.config.jump_factor:g})")
         if why is not None:
             raise StaleWeightsError(
                 f"step {step}: the log-probs of {self.engine_name} differ from the trainer's by {gap:.4g} per token "
@@ -176,10 +184,10 @@ class WeightCheck:
                 "that did not take effect?)")
         self.gaps = [*self.gaps, gap][-self.config.window:]
 
-    def finite(self, actor: nn.Module, collectives: Collectives, step: int) -> None:
-        """Stop the run (``FloatingPointError``) when the update left an inf or a NaN in a trainable
-        parameter: before the weights are checkpointed or pushed to the engine."""
-        count, names = nonfinite_parameters(actor, collectives)
+    def finite(self, actor: nn.Module, step: int) -> None:
+        """Stop the run (``FloatingPointError``, on every rank) when the update left an inf or a NaN in
+        a trainable parameter: before the weights are checkpointed or pushed to the engine."""
+        count, names = nonfinite_parameters(actor, self.collectives)
         if count:
             shown = f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else ""
             raise FloatingPointError(
@@ -188,7 +196,8 @@ class WeightCheck:
                 "rate too large (optim.lr), or an overflow in a 16-bit dtype?")
 
 
-def canary_ratio(engine_logprob: Tensor | None, old_logprob: Tensor | None, mask: Tensor, fresh: Tensor) -> Ratio | None:
+def canary_ratio(engine_logprob: Tensor | None, old_logprob: Tensor | None, mask: Tensor,
+                 fresh: Tensor) -> Ratio | None:
     """The canary gap Σ m·|μ − π_old| / Σ m over the tokens ``mask [N, R]`` of the rows ``fresh [N]``
     (None without both log-probs)."""
     if engine_logprob is None or old_logprob is None:

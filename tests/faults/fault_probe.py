@@ -20,7 +20,8 @@ import torch
 from archer.callbacks import WeightSyncCallback
 from archer.rollout import named_full_tensors
 
-CHILD_ENV = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")])}
+CHILD_ENV = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent),
+                                             os.environ.get("PYTHONPATH", "")])}
 """The environment of a child ``archer fit`` that uses these components (``harness.run_subprocess``
 adds the harness folder)."""
 
