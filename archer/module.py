@@ -54,6 +54,7 @@ from archer.lora import MergedWeights
 from archer.losses import ArcherLoss, PolicyLoss
 from archer.metrics import PassAtK
 from archer.models import DTYPES, add_lora, fully_shard_decoder, load_causal_lm, runs_packed
+from archer.nonfinite import check_finite_parameters, check_nonfinite_steps, count_skipped
 from archer.optim import build_optimizer
 from archer.preemption import CheckpointOnSigterm
 from archer.rewards import Reward, RewardRunner
@@ -275,7 +276,7 @@ class ArcherModule(L.LightningModule):
             if name not in self.val_metrics:
                 self.val_metrics[name] = torch.nn.ModuleDict({f"pass@{k}": PassAtK(k) for k in self.pass_k})
         guard_checkpoints(self.trainer.strategy, self.watchdog)  # timed, FSDP2 folders atomic, checked at resume
-        self.watchdog.start(self.global_rank, lambda: self.global_step)  # after the reward workers are forked
+        self.watchdog.start(self.global_rank, lambda: self.global_step, self.trainer.world_size)  # after the forks
 
     def _group_sampler(self, rewards: RewardRunner, collectives: Collectives) -> GroupSampler:
         return GroupSampler(
@@ -386,8 +387,6 @@ class ArcherModule(L.LightningModule):
         self.policy.forward_passes.clear()
         step, t0 = self.global_step, time.perf_counter()
         self.actor.eval()  # rollout and old log-probs without dropout
-        world = self.trainer.world_size
-        ranks = f"the other ranks' collectives ({world} ranks)" if world > 1 else None  # what the watchdog names
         with self.watchdog.phase("rollout", getattr(self.rollout, "endpoint", None)):
             if self._async is None:  # 1. sample n completions per prompt and score them
                 scored, stale = self._rollouts().collect(batch, step), None
@@ -396,20 +395,20 @@ class ArcherModule(L.LightningModule):
                 scored, stale = self._async.collect(batch[0][STREAM_INDEX_KEY], step)
         versions = self._weight_check.versions(scored, step, self.sampling.n, stale.dropped if stale else 0)
         t1 = time.perf_counter()
-        with self.watchdog.phase("old log-probs", ranks):  # 2. old / reference log-probs, advantages, correction
+        with self.watchdog.phase("old log-probs"):  # 2. old / reference log-probs, advantages, correction
             exp = self.experience.make(scored)
         logprob_tokens = float(self.policy.pop_computed_tokens().num)
         t2 = time.perf_counter()
         self.actor.train()  # 3. ppo_epochs × mini-batches of optimizer steps
         lr = self.lr_schedulers().get_last_lr()[0]
         optimizer = self.optimizers()
-        with self.watchdog.phase("update", ranks):
+        with self.watchdog.phase("update"):
             result = self.policy.update(exp, optimizer.optimizer, seeds=self._seeds, step=step, last_step=optimizer.step)
             self.lr_schedulers().step()  # once per RL step (verl's convention): warmup and cosine count RL steps
             self.experience.complete(exp, result.old_logprob)  # on-policy: π_old came from the update's forward
-            self._weight_check.finite(self.actor, step)  # before it is checkpointed or synced
+            check_finite_parameters(self.actor, self.collectives, step)  # before it is checkpointed or synced
         t3 = time.perf_counter()
-        self._count_skipped(result.empty_steps, result.nonfinite_steps)  # 4. the skipped-step rules
+        count_skipped(self._counters, result.empty_steps, result.nonfinite_steps)  # 4. the skipped-step rules
         self._counters["failed_rewards_in_a_row"] = failed_reward_steps(
             self._counters["failed_rewards_in_a_row"], scored.rewards, self.collectives)
         metrics = step_metrics(  # 5. every metric of the step, reduced over ranks
@@ -423,7 +422,7 @@ class ArcherModule(L.LightningModule):
         self._keep_samples(exp, scored.scores, result.first_entropy)  # 6. the token view's samples
         notify_rollout_end(self, scored, exp, step)  # 7. callbacks' on_rollout_end (archer/rollout_view.py)
         self._weight_check.canary(metrics.get("rollout/canary_gap"), step)
-        self._check_nonfinite()
+        check_nonfinite_steps(self._counters, self.update.max_nonfinite_steps)
         check_failed_reward_steps(self._counters["failed_rewards_in_a_row"], self.max_failed_reward_steps,
                                   scored.rewards, self.reward_timeout_s)
 
@@ -437,20 +436,6 @@ class ArcherModule(L.LightningModule):
         if self._sampler is None:
             self._sampler = self._group_sampler(self.reward_runner, self.collectives)
         return self._sampler
-
-    def _count_skipped(self, empty: int, nonfinite: int) -> None:
-        self._counters["empty_steps"] += empty
-        self._counters["nonfinite_steps"] += nonfinite
-        self._counters["nonfinite_in_a_row"] = self._counters["nonfinite_in_a_row"] + 1 if nonfinite else 0
-
-    def _check_nonfinite(self) -> None:
-        limit, in_a_row = self.update.max_nonfinite_steps, self._counters["nonfinite_in_a_row"]
-        if in_a_row >= limit:
-            raise FloatingPointError(
-                f"{in_a_row} RL steps in a row had an optimizer step with a non-finite loss or "
-                f"gradient norm (update.max_nonfinite_steps = {limit}); stopping. Those steps were skipped: the "
-                "weights and the last checkpoint are from before them."
-            )
 
     def _keep_samples(self, exp, scores: torch.Tensor, first_entropy) -> None:
         """Keep a few responses of this step with their per-token entropy (training forward) for the token view."""

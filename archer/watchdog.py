@@ -114,7 +114,7 @@ class Watchdog:
         self.tick_s = tick_s
         self.owner: int | None = None
         """The thread whose phases are tracked (the one that called :meth:`start`)."""
-        self.rank = 0
+        self.rank, self.world_size = 0, 1
         self.step: Callable[[], int] = lambda: 0
         self._open: list[_Open] = []
         self._idle_since = time.monotonic()
@@ -124,12 +124,13 @@ class Watchdog:
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ the trainer's side
-    def start(self, rank: int, step: Callable[[], int]) -> None:
-        """Watch the calling thread's phases (idempotent); ``step()`` gives the step for messages."""
+    def start(self, rank: int, step: Callable[[], int], world_size: int = 1) -> None:
+        """Watch the calling thread's phases (idempotent); ``step()`` gives the step for messages. With
+        several ranks, a phase that names nothing it waits on waits on the other ranks' collectives."""
         global _active
         if self._thread is not None:
             return
-        self.rank, self.step, self.owner = rank, step, threading.get_ident()
+        self.rank, self.step, self.world_size, self.owner = rank, step, world_size, threading.get_ident()
         with self._lock:
             self._open, self._idle_since, self._last_beat = [], time.monotonic(), None
         _active = self
@@ -155,6 +156,8 @@ class Watchdog:
         (a server, the other ranks, a folder) if anything."""
         if name not in PHASES:
             raise ValueError(f"unknown watchdog phase {name!r}; one of {list(PHASES)}")
+        if waits_on is None and self.world_size > 1:
+            waits_on = f"the other ranks' collectives ({self.world_size} ranks)"
         with self._lock:
             self._open.append(_Open(name, time.monotonic(), waits_on))
             self._last_beat = None

@@ -1,4 +1,4 @@
-"""Never train on stale or broken weights: sample versions, the log-prob canary, finite parameters.
+"""Never train on samples of stale weights: sample versions, and the log-prob canary.
 
 **Versions.** An engine that holds its own copy of the weights counts them (``engine.version``: 0
 after ``setup``, +1 per ``load_weights``), and each sample records the version that sampled it
@@ -24,10 +24,6 @@ so it equals ``rollout/logprob_diff``; asynchronous: those of staleness 0). It m
 ``max_gap`` (by dtype: 0.01 when engine and trainer run float32, where a synced engine is within
 1e-6; 0.1 otherwise), and must not jump: ``gap > jump_factor · median(previous gaps)`` is an error
 too, unless ``gap < max_gap / jump_factor`` (rounding noise). Either stops the run naming the engine.
-
-**Finite parameters.** After the update every trainable parameter must be finite
-(:func:`nonfinite_parameters`): an optimizer step that writes an inf or a NaN (a learning rate too
-large, an overflow) stops the run before the weights are checkpointed or synced to the engine.
 """
 
 from __future__ import annotations
@@ -36,16 +32,14 @@ import statistics
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
+from torch import Tensor
 
 from archer.algorithms import Ratio, masked_ratio
 from archer.config import WeightCheckConfig
 from archer.distributed import Collectives
 from archer.sampling import ScoredGroups
 
-__all__ = ["StaleWeightsError", "VersionReport", "WeightCheck", "canary_limit", "canary_ratio", "is_jump",
-           "nonfinite_parameters"]
+__all__ = ["StaleWeightsError", "VersionReport", "WeightCheck", "canary_limit", "canary_ratio", "is_jump"]
 
 
 class StaleWeightsError(RuntimeError):
@@ -73,18 +67,6 @@ def canary_limit(config: WeightCheckConfig, dtypes: set[str]) -> float:
 def is_jump(gap: float, history: list[float], *, factor: float, floor: float) -> bool:
     """Whether ``gap > factor · median(history)`` with ``gap ≥ floor`` (at least 3 past gaps)."""
     return len(history) >= 3 and gap >= floor and gap > factor * statistics.median(history)
-
-
-def nonfinite_parameters(model: nn.Module, collectives: Collectives) -> tuple[int, list[str]]:
-    """The number of trainable parameters holding an inf or a NaN, over all ranks (each rank checks
-    its FSDP2 shards), and the names of this rank's (every rank must call it)."""
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        return 0, []
-    local = [p.detach().to_local() if isinstance(p, DTensor) else p.detach() for _, p in named]
-    finite = torch.stack([torch.isfinite(t).all() for t in local]).cpu()
-    names = [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
-    return int(collectives.sum(torch.tensor(float(len(names))))), names
 
 
 class WeightCheck:
@@ -183,17 +165,6 @@ class WeightCheck:
                 f"(rollout/canary_gap), {why}: the engine serves other weights than the trainer's (a weight sync "
                 "that did not take effect?)")
         self.gaps = [*self.gaps, gap][-self.config.window:]
-
-    def finite(self, actor: nn.Module, step: int) -> None:
-        """Stop the run (``FloatingPointError``, on every rank) when the update left an inf or a NaN in
-        a trainable parameter: before the weights are checkpointed or pushed to the engine."""
-        count, names = nonfinite_parameters(actor, self.collectives)
-        if count:
-            shown = f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else ""
-            raise FloatingPointError(
-                f"step {step}: the optimizer step left an inf or a NaN in {count} parameters{shown}; they are neither "
-                "checkpointed nor synced to the engine, and the last checkpoint is from before this step. A learning "
-                "rate too large (optim.lr), or an overflow in a 16-bit dtype?")
 
 
 def canary_ratio(engine_logprob: Tensor | None, old_logprob: Tensor | None, mask: Tensor,

@@ -25,7 +25,8 @@ from archer.distributed import Collectives
 from archer.rewards.runner import RewardResult
 from archer.rollout import Completion
 from archer.sampling import Samples, ScoredGroups
-from archer.weight_check import StaleWeightsError, WeightCheck, canary_limit, is_jump, nonfinite_parameters
+from archer.nonfinite import nonfinite_parameters
+from archer.weight_check import StaleWeightsError, WeightCheck, canary_limit, is_jump
 
 QUICKSTART_VLLM = str(ROOT / "configs" / "quickstart_vllm.yaml")
 
