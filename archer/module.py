@@ -123,8 +123,8 @@ class ArcherModule(L.LightningModule):
         token_view_samples: Responses kept from each step (with per-token entropy) for the token view.
         watchdog: Deadlines of each phase of a step, and a heartbeat in the log (``docs/reliability.md``);
             None: no deadline.
-        weight_check: The checks that the engine samples with the trainer's weights (sample versions, the
-            log-prob canary) and that the update leaves them finite (``docs/reliability.md``).
+        weight_check: The checks that the engine samples with the trainer's weights: sample versions and the
+            log-prob canary (``docs/reliability.md``).
     """
 
     def __init__(
