@@ -165,3 +165,72 @@ class LoraConfig:
                                     ("reference", self.reference, ("adapters_off", "copy"))):
             if value not in allowed:
                 raise ValueError(f"model.lora.{key} must be one of {list(allowed)}, got {value!r}")
+
+
+@dataclass
+class WatchdogConfig:
+    """Deadlines for every phase of a run and a heartbeat in the log (:mod:`archer.watchdog`). A phase
+    that runs past its deadline — a hung collective, server, reward worker, NCCL transfer or disk —
+    ends the run: every thread's stack is written to the log, then one line naming the phase, the
+    step, the rank and what it waited on, and the process exits with code 124. ``0`` switches a
+    deadline off. The defaults leave hours to a step of a 16k-token run; set them to a few times
+    your steps' longest phases (``time/*_s`` in the metrics) to hear of a hang sooner."""
+
+    heartbeat_s: float = 60.0
+    """Seconds between two heartbeat lines in the log (rank, step, phase, seconds in it); 0: none."""
+    stall_s: float = 600.0
+    """In-process generation (``VLLMEngine``, ``HFEngine``) that made no progress (no engine step,
+    no token) for this long ends the run, whatever the phase's deadline."""
+    rollout_s: float = 7200.0
+    """Sampling and scoring one step's batch (asynchronous: waiting for the producer); the first
+    step's includes starting the engine (loading vLLM, launching servers)."""
+    reward_s: float = 3600.0
+    """Scoring one batch (each call is also bounded by ``model.reward_timeout_s``)."""
+    logprob_s: float = 3600.0
+    """The no-grad old / reference log-prob passes of one step."""
+    update_s: float = 7200.0
+    """The optimizer steps of one RL step."""
+    weight_sync_s: float = 1800.0
+    """Pushing the weights to the engine (``WeightSyncCallback``); bounds the NCCL transfer, which
+    has no timeout of its own."""
+    checkpoint_s: float = 1800.0
+    """Writing one checkpoint (a file, or FSDP2's folder on every rank)."""
+    validation_s: float = 3600.0
+    """One validation batch (sampling and scoring)."""
+    idle_s: float = 3600.0
+    """The trainer's own work between two phases (loading a batch, logging, Lightning's collectives)."""
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not value >= 0:
+                raise ValueError(f"model.watchdog.{name} must be >= 0 seconds (0: off), got {value}")
+
+
+@dataclass
+class WeightCheckConfig:
+    """Never train on samples of stale weights (:mod:`archer.weight_check`): each sample's weight
+    version against the one the trainer expects, and after every sync a canary comparing the
+    engine's log-probs of the step's samples with the trainer's."""
+
+    on_stale: Literal["auto", "error", "drop"] = "auto"
+    """A sample sampled by other weights than expected (synchronous: not the last sync's version;
+    asynchronous: more than ``max_staleness`` versions old): ``error`` stops the run naming the
+    engine; ``drop`` masks its group out of the loss and counts it (``rollout/stale_dropped``).
+    ``auto``: ``error`` when synchronous (a missed sync), ``drop`` when asynchronous (a server lagging)."""
+    canary: bool = True
+    """Check the gap between the engine's and the trainer's log-probs of each step's samples
+    (``rollout/canary_gap``)."""
+    max_gap: float | None = None
+    """The largest canary gap accepted (token mean of |μ − π_old|); None: by dtype, 0.01 when
+    engine and trainer both run float32, else 0.1."""
+    jump_factor: float = 10.0
+    """A gap above ``jump_factor`` × the median of the previous steps' gaps is an error too, unless it
+    is below ``max_gap / jump_factor`` (rounding noise)."""
+    window: int = 20
+    """Steps of gaps the median is taken over (it needs 3 before a jump can count)."""
+
+    def __post_init__(self) -> None:
+        if self.on_stale not in ("auto", "error", "drop"):
+            raise ValueError(f"model.weight_check.on_stale must be auto, error or drop, got {self.on_stale!r}")
+        if (self.max_gap is not None and not self.max_gap > 0) or not self.jump_factor > 1 or self.window < 3:
+            raise ValueError(f"model.weight_check needs max_gap > 0, jump_factor > 1 and window >= 3: {self}")

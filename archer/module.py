@@ -33,6 +33,7 @@ from transformers import AutoTokenizer
 from archer.actor import Actor
 from archer.algorithms import AdvantageEstimator
 from archer.async_rollout import AsyncSampler
+from archer.checkpoint_io import guard_checkpoints
 from archer.config import (
     AsyncRolloutConfig,
     DynamicSamplingConfig,
@@ -42,6 +43,8 @@ from archer.config import (
     OverlongConfig,
     RolloutCorrectionConfig,
     UpdateConfig,
+    WatchdogConfig,
+    WeightCheckConfig,
 )
 from archer.data.shard import FILLER_KEY
 from archer.data.stream import STREAM_INDEX_KEY
@@ -51,7 +54,9 @@ from archer.lora import MergedWeights
 from archer.losses import ArcherLoss, PolicyLoss
 from archer.metrics import PassAtK
 from archer.models import DTYPES, add_lora, fully_shard_decoder, load_causal_lm, runs_packed
+from archer.nonfinite import check_finite_parameters, check_nonfinite_steps, count_skipped
 from archer.optim import build_optimizer
+from archer.preemption import CheckpointOnSigterm
 from archer.rewards import Reward, RewardRunner
 from archer.rewards.failures import check_failed_reward_steps, failed_reward_steps
 from archer.rollout import HFEngine, RolloutEngine, SamplingConfig
@@ -61,6 +66,8 @@ from archer.seeding import Seeds
 from archer.shaping import AdvantageShaping
 from archer.step_metrics import StepTimes, reset_peak_memory, step_metrics
 from archer.token_view import pick_samples
+from archer.watchdog import Watchdog
+from archer.weight_check import WeightCheck
 
 __all__ = ["FSDP2_HINT", "ArcherModule"]
 
@@ -114,6 +121,10 @@ class ArcherModule(L.LightningModule):
             ``flex_attention``, ...); None: transformers' default. Varlen/flex kernels enable packing
             (``update.packing: auto``).
         token_view_samples: Responses kept from each step (with per-token entropy) for the token view.
+        watchdog: Deadlines of each phase of a step, and a heartbeat in the log (``docs/reliability.md``);
+            None: no deadline.
+        weight_check: The checks that the engine samples with the trainer's weights: sample versions and the
+            log-prob canary (``docs/reliability.md``).
     """
 
     def __init__(
@@ -143,6 +154,8 @@ class ArcherModule(L.LightningModule):
         lora: LoraConfig | None = None,
         attn_implementation: str | None = None,
         token_view_samples: int = 8,
+        watchdog: WatchdogConfig | None = WatchdogConfig(),
+        weight_check: WeightCheckConfig = WeightCheckConfig(),
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "reward", "rollout", "advantage_shaping"])
@@ -180,6 +193,8 @@ class ArcherModule(L.LightningModule):
         self.gradient_checkpointing, self.attn_implementation = gradient_checkpointing, attn_implementation
         self.lora = lora
         self.token_view_samples = token_view_samples
+        self.watchdog, self.weight_check = Watchdog(watchdog), weight_check
+        self._weight_check: WeightCheck | None = None
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -260,6 +275,8 @@ class ArcherModule(L.LightningModule):
         for name in getattr(datamodule, "val_dataset_names", []) or []:
             if name not in self.val_metrics:
                 self.val_metrics[name] = torch.nn.ModuleDict({f"pass@{k}": PassAtK(k) for k in self.pass_k})
+        guard_checkpoints(self.trainer.strategy, self.watchdog)  # timed, FSDP2 folders atomic, checked at resume
+        self.watchdog.start(self.global_rank, lambda: self.global_step, self.trainer.world_size)  # after the forks
 
     def _group_sampler(self, rewards: RewardRunner, collectives: Collectives) -> GroupSampler:
         return GroupSampler(
@@ -302,18 +319,23 @@ class ArcherModule(L.LightningModule):
             kl_in_reward=self.kl_in_reward, rollout_correction=self.rollout_correction,
             engine_matches_trainer=matches, behaviour_ratio=behaviour, old_logprob_from_update=reason is None,
         )
+        self._weight_check = WeightCheck(
+            self.weight_check, self.rollout, asynchronous=self.async_rollout is not None, collectives=self.collectives,
+            trainer_dtype=self.fsdp_compute_dtype or self.dtype_name, checkpoint_dtype=str(self.actor.config.dtype),
+        )
 
     def configure_callbacks(self) -> list[L.Callback]:
-        # Lightning's exception path skips teardown: stop the producer thread there too.
-        return [_StopProducerOnException()] if self.async_rollout is not None else []
+        # Lightning's exception path skips teardown: stop the threads there too.
+        return [_StopThreadsOnException(), CheckpointOnSigterm()]
 
-    def stop_producer(self) -> None:
-        """Stop the asynchronous rollout producer, if any (idempotent)."""
+    def stop_threads(self) -> None:
+        """Stop the watchdog and the asynchronous rollout producer, if any (idempotent)."""
+        self.watchdog.stop()
         if self._async is not None:
             self._async.stop()
 
     def teardown(self, stage: str) -> None:
-        self.stop_producer()
+        self.stop_threads()
         for runner in (self.reward_runner, self._async and self._async.sampler.rewards):
             if runner is not None:
                 runner.close()
@@ -365,36 +387,42 @@ class ArcherModule(L.LightningModule):
         self.policy.forward_passes.clear()
         step, t0 = self.global_step, time.perf_counter()
         self.actor.eval()  # rollout and old log-probs without dropout
-        if self._async is None:  # 1. sample n completions per prompt and score them
-            scored, stale = self._rollouts().collect(batch, step), None
-        else:
-            self._rollouts()  # the engine is set up on the training thread
-            scored, stale = self._async.collect(batch[0][STREAM_INDEX_KEY], step)
+        with self.watchdog.phase("rollout", getattr(self.rollout, "endpoint", None)):
+            if self._async is None:  # 1. sample n completions per prompt and score them
+                scored, stale = self._rollouts().collect(batch, step), None
+            else:
+                self._rollouts()  # the engine is set up on the training thread
+                scored, stale = self._async.collect(batch[0][STREAM_INDEX_KEY], step)
+        versions = self._weight_check.versions(scored, step, self.sampling.n, stale.dropped if stale else 0)
         t1 = time.perf_counter()
-        exp = self.experience.make(scored)  # 2. old / reference log-probs, advantages, correction weights
+        with self.watchdog.phase("old log-probs"):  # 2. old / reference log-probs, advantages, correction
+            exp = self.experience.make(scored)
         logprob_tokens = float(self.policy.pop_computed_tokens().num)
         t2 = time.perf_counter()
         self.actor.train()  # 3. ppo_epochs × mini-batches of optimizer steps
         lr = self.lr_schedulers().get_last_lr()[0]
         optimizer = self.optimizers()
-        result = self.policy.update(exp, optimizer.optimizer, seeds=self._seeds, step=step, last_step=optimizer.step)
-        self.lr_schedulers().step()  # once per RL step (verl's convention): warmup and cosine count RL steps
-        self.experience.complete(exp, result.old_logprob)  # on-policy: π_old came from the update's forward
+        with self.watchdog.phase("update"):
+            result = self.policy.update(exp, optimizer.optimizer, seeds=self._seeds, step=step, last_step=optimizer.step)
+            self.lr_schedulers().step()  # once per RL step (verl's convention): warmup and cosine count RL steps
+            self.experience.complete(exp, result.old_logprob)  # on-policy: π_old came from the update's forward
+            check_finite_parameters(self.actor, self.collectives, step)  # before it is checkpointed or synced
         t3 = time.perf_counter()
-        self._count_skipped(result.empty_steps, result.nonfinite_steps)  # 4. the skipped-step rules
+        count_skipped(self._counters, result.empty_steps, result.nonfinite_steps)  # 4. the skipped-step rules
         self._counters["failed_rewards_in_a_row"] = failed_reward_steps(
             self._counters["failed_rewards_in_a_row"], scored.rewards, self.collectives)
         metrics = step_metrics(  # 5. every metric of the step, reduced over ranks
             scored, exp, result, StepTimes(t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t0, logprob_tokens),
             group_size=self.sampling.n, lr=lr, counters=self._counters, batch_index=batch[0][STREAM_INDEX_KEY],
             dynamic_sampling=self.dynamic_sampling is not None, stale=stale, forward_passes=self.policy.forward_passes,
-            collectives=self.collectives, device=self.device,
+            collectives=self.collectives, device=self.device, versions=versions,
         )
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
         self.log("reward", metrics["train/reward_mean"], prog_bar=True, on_step=True, logger=False, batch_size=len(batch))
         self._keep_samples(exp, scored.scores, result.first_entropy)  # 6. the token view's samples
         notify_rollout_end(self, scored, exp, step)  # 7. callbacks' on_rollout_end (archer/rollout_view.py)
-        self._check_nonfinite()
+        self._weight_check.canary(metrics.get("rollout/canary_gap"), step)
+        check_nonfinite_steps(self._counters, self.update.max_nonfinite_steps)
         check_failed_reward_steps(self._counters["failed_rewards_in_a_row"], self.max_failed_reward_steps,
                                   scored.rewards, self.reward_timeout_s)
 
@@ -408,20 +436,6 @@ class ArcherModule(L.LightningModule):
         if self._sampler is None:
             self._sampler = self._group_sampler(self.reward_runner, self.collectives)
         return self._sampler
-
-    def _count_skipped(self, empty: int, nonfinite: int) -> None:
-        self._counters["empty_steps"] += empty
-        self._counters["nonfinite_steps"] += nonfinite
-        self._counters["nonfinite_in_a_row"] = self._counters["nonfinite_in_a_row"] + 1 if nonfinite else 0
-
-    def _check_nonfinite(self) -> None:
-        limit, in_a_row = self.update.max_nonfinite_steps, self._counters["nonfinite_in_a_row"]
-        if in_a_row >= limit:
-            raise FloatingPointError(
-                f"{in_a_row} RL steps in a row had an optimizer step with a non-finite loss or "
-                f"gradient norm (update.max_nonfinite_steps = {limit}); stopping. Those steps were skipped: the "
-                "weights and the last checkpoint are from before them."
-            )
 
     def _keep_samples(self, exp, scores: torch.Tensor, first_entropy) -> None:
         """Keep a few responses of this step with their per-token entropy (training forward) for the token view."""
@@ -443,8 +457,9 @@ class ArcherModule(L.LightningModule):
         self.actor.eval()
         # A fixed seed per batch: successive validations of the same policy agree.
         sampling = replace(self.val_sampling, seed=self._seeds("val", dataloader_idx, batch_idx))
-        samples = self._rollouts().sample(batch, sampling)
-        scores = torch.tensor(self.reward_runner.score(samples.texts, samples.rows).scores)
+        with self.watchdog.phase("validation", getattr(self.rollout, "endpoint", None)):
+            samples = self._rollouts().sample(batch, sampling)
+            scores = torch.tensor(self.reward_runner.score(samples.texts, samples.rows).scores)
         correct = (scores >= 1.0).view(len(batch), self.val_sampling.n)
         # Fillers only keep ranks in step (every rank runs as many batches); they are not prompts of the set.
         counted = torch.tensor([not item.get(FILLER_KEY, False) for item in batch])
@@ -459,11 +474,11 @@ class ArcherModule(L.LightningModule):
                 metric.reset()
 
 
-class _StopProducerOnException(L.Callback):
-    """Stops the asynchronous rollout producer when training ends with an exception."""
+class _StopThreadsOnException(L.Callback):
+    """Stops the watchdog and the asynchronous rollout producer when training ends with an exception."""
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        pl_module.stop_producer()
+        pl_module.stop_threads()
 
 
 def _check_trainer(module: ArcherModule) -> None:

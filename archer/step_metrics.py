@@ -8,14 +8,15 @@ reductions:
   (0 / 0: e.g. no reasoning token in the step);
 - **totals**: summed over ranks (counts; the phases' tokens/s, which divide each rank's tokens by its
   own time — ranks run in lockstep, so that is the step's throughput);
-- **maxima** over ranks (peak memory, the stalest sample); and per-step values that are the same on
-  every rank (the learning rate, times, counters).
+- **maxima** over ranks (peak memory, the stalest sample), a **minimum** (the oldest weight version);
+  and per-step values that are the same on every rank (the learning rate, times, counters).
 
 All ratios and totals go in one all-reduce and one host read.
 """
 
 from __future__ import annotations
 
+import math
 import resource
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from archer.async_rollout import StalenessReport
 from archer.distributed import Collectives
 from archer.experience import Experience
 from archer.sampling import ScoredGroups
+from archer.weight_check import VersionReport, canary_ratio
 
 __all__ = ["STEP_METRICS", "StepTimes", "keys_logged_when", "peak_memory_gb", "reduce_over_ranks", "reset_peak_memory", "step_metrics"]
 
@@ -82,9 +84,13 @@ STEP_METRICS: dict[str, tuple[str, str]] = {
     "rollout/is_weight_mean": ("engine log-probs", "mean rollout-correction weight"),
     "rollout/is_affected_fraction": ("engine log-probs", "share of tokens (or responses) truncated or masked"),
     "rollout/logprob_diff": ("engine log-probs", "token mean of |μ − π_old|"),
+    "rollout/canary_gap": ("engine log-probs", "token mean of |μ − π_old| over the samples of the trainer's current "
+                           "weights (asynchronous: staleness 0), checked by model.weight_check"),
+    "rollout/weight_version": ("weight versions", "the oldest weight version that sampled a sample of the step"),
+    "rollout/stale_dropped": ("weight versions", "samples dropped for their weight version (asynchronous: beyond "
+                              "max_staleness; synchronous: not the last sync's, with weight_check.on_stale: drop)"),
     "rollout/staleness_mean": ("asynchronous", "mean staleness of the samples, in steps"),
     "rollout/staleness_max": ("asynchronous", "largest staleness of a sample"),
-    "rollout/stale_dropped": ("asynchronous", "samples dropped for exceeding max_staleness"),
     "time/trainer_idle_s": ("asynchronous", "seconds the trainer waited for its batch"),
     "time/producer_idle_s": ("asynchronous", "seconds the producer waited for the staleness bound"),
     "time/weight_sync_s": ("WeightSyncCallback", "seconds pushing the weights to the engine"),
@@ -113,6 +119,7 @@ def step_metrics(
     scored: ScoredGroups, exp: Experience, update: UpdateResult, times: StepTimes, *, group_size: int, lr: float,
     counters: dict[str, int], batch_index: int, dynamic_sampling: bool, stale: StalenessReport | None,
     forward_passes: Mapping[str, int], collectives: Collectives, device: torch.device,
+    versions: VersionReport | None = None,
 ) -> dict[str, float]:
     """The step's values of :data:`STEP_METRICS` (those its settings produce), the same on every rank."""
     n, scores, keep = group_size, scored.scores, scored.keep
@@ -141,12 +148,22 @@ def step_metrics(
         totals["perf/rollout_tokens_per_s"] = float(exp.response_lengths.sum()) / times.rollout
     else:
         ratios["rollout/staleness_mean"] = Ratio.of(stale.lag.sum(), len(stale.lag))
-        totals["rollout/stale_dropped"] = stale.dropped
+    if exp.mismatch:  # the engine's log-probs were compared with π_old: the canary, on the current weights' samples
+        fresh = torch.ones(len(scores), dtype=torch.bool) if stale is None else stale.lag == 0
+        canary = canary_ratio(exp.rollout.engine_logprobs, exp.old_logprob, exp.rollout.response_mask, fresh)
+        if canary is not None:
+            ratios["rollout/canary_gap"] = canary
+    if versions is not None:
+        totals["rollout/stale_dropped"] = versions.dropped
     if dynamic_sampling:
         totals["rollout/extra_batches"] = scored.extra_batches
     metrics = reduce_over_ranks(ratios, totals, collectives, device)
     if stale is not None:
         metrics["rollout/staleness_max"] = float(collectives.max(torch.tensor(float(stale.lag.max()))))
+    if versions is not None:  # the same condition on every rank (the engine's kind)
+        oldest = float(collectives.min(torch.tensor(math.inf if versions.oldest is None else float(versions.oldest))))
+        if math.isfinite(oldest):
+            metrics["rollout/weight_version"] = oldest
     metrics.update({
         "train/lr": lr,
         "train/optimizer_steps": float(update.steps_taken),

@@ -14,6 +14,11 @@ actor pushes its merged weights, ``W + s·B·A`` under the base model's names
 copy time is logged as ``time/weight_sync_s``. An :class:`~archer.rollout.HFEngine` samples with
 the actor itself, so nothing is copied.
 
+Checks. The copy is the watchdog's ``weight sync`` phase (``model.watchdog.weight_sync_s`` bounds it,
+the NCCL transfer included, which has no timeout of its own). Each ``load_weights`` makes the
+engine's weights the next version; the next step checks that its samples carry it and that the
+engine's log-probs agree with the trainer's (:mod:`archer.weight_check`).
+
 Ranks. Our setup builds one engine per rank (each rank samples its own share of prompts), so
 each rank pushes to its own engine; the all-gathers inside ``full_tensor()`` are collectives, so
 every rank iterates the parameters in the same order anyway. With tensor parallelism
@@ -30,6 +35,7 @@ import time
 
 import lightning as L
 
+from archer import watchdog
 from archer.lora import engine_tensors
 from archer.rollout import HFEngine
 
@@ -52,9 +58,10 @@ class WeightSyncCallback(L.Callback):
         if isinstance(engine, HFEngine):
             return
         start = time.perf_counter()
-        engine.load_weights(engine_tensors(actor))
-        if trainer.world_size > 1:
-            # Servers shared by the ranks are updated by one of them: no rank samples the next batch
-            # before the new weights are in place.
-            trainer.strategy.barrier("archer-weight-sync")
+        with watchdog.phase("weight sync", getattr(engine, "endpoint", None)):
+            engine.load_weights(engine_tensors(actor))
+            if trainer.world_size > 1:
+                # Servers shared by the ranks are updated by one of them: no rank samples the next batch
+                # before the new weights are in place.
+                trainer.strategy.barrier("archer-weight-sync")
         pl_module.log("time/weight_sync_s", time.perf_counter() - start, on_step=True, on_epoch=False)

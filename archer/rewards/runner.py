@@ -19,6 +19,9 @@ the batch is split into one contiguous chunk per worker, a chunk of ``k`` respon
 ``k × timeout_s``, and a chunk that raises or times out scores 0 for all of its responses (a
 non-finite score is still an error of its response only).
 
+On the training thread, scoring is the watchdog's ``reward`` phase (:mod:`archer.watchdog`), whose
+deadline bounds a batch whatever its size (each call is bounded by ``timeout_s`` already).
+
 Workers ignore Ctrl-C (SIGINT reaches the whole process group): the parent decides what an
 interrupt stops, and kills them in :meth:`RewardRunner.close`.
 """
@@ -35,6 +38,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
+from archer import watchdog
 from archer.rewards.base import Reward, is_batched
 
 __all__ = ["RewardResult", "RewardRunner"]
@@ -116,6 +120,14 @@ def _worker_loop(
         connection.send(_score_items(reward, responses, rows))
 
 
+def _how_it_ended(exitcode: int | None) -> str:
+    if exitcode == -signal.SIGKILL:
+        return "was killed by SIGKILL (the kernel's out-of-memory killer sends it)"
+    if exitcode is not None and exitcode < 0:
+        return f"was killed by signal {signal.Signals(-exitcode).name}"
+    return f"died (exit code {exitcode})"
+
+
 class _Worker:
     def __init__(self, context: multiprocessing.context.BaseContext, reward: Reward) -> None:
         self.connection, child_end = context.Pipe()
@@ -167,6 +179,11 @@ class RewardRunner:
             raise ValueError(f"RewardRunner.score: {len(responses)} responses but {len(rows)} rows")
         if not self._workers:
             raise RuntimeError("RewardRunner.score called after close()")
+        pids = ", ".join(str(worker.process.pid) for worker in self._workers)
+        with watchdog.phase("reward", f"reward workers (pids {pids})"):
+            return self._score(responses, rows)
+
+    def _score(self, responses: list[str], rows: list[dict]) -> RewardResult:
         result = RewardResult(scores=[0.0] * len(responses))
         pending = deque(self._units(len(responses)))
         busy: dict[multiprocessing.connection.Connection, _Worker] = {}
@@ -189,8 +206,10 @@ class RewardRunner:
                 try:
                     answers = connection.recv()
                 except (EOFError, OSError):
+                    worker.process.join(timeout=5)  # its exit status, for the message
+                    how = _how_it_ended(worker.process.exitcode)
                     for item in worker.unit:
-                        record_error(f"reward worker died (exit code {worker.process.exitcode}) on item {item}")
+                        record_error(f"reward worker (pid {worker.process.pid}) {how} on item {item}")
                     self._replace(worker)
                     continue
                 for item, (ok, value) in zip(worker.unit, answers):

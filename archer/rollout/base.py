@@ -1,9 +1,14 @@
 """The rollout protocol: prompts in, ``n`` sampled completions per prompt out.
 
-An engine is anything with ``setup``, ``generate`` and ``load_weights``. Two optional members:
+An engine is anything with ``setup``, ``generate`` and ``load_weights``. Optional members:
 
 * the class attribute ``logprobs_match_trainer`` (default False) says that its log-probs are the
   trainer's own, so no rollout correction is needed;
+* ``version`` (an engine that holds its own copy of the weights): the number of ``load_weights``
+  calls since ``setup``; its completions then carry the version that sampled them, which the
+  trainer checks (:mod:`archer.weight_check`);
+* ``endpoint``: what a rollout waits on (servers' URLs, worker pids), named in the watchdog's
+  messages (:mod:`archer.watchdog`);
 * ``close()`` releases what the engine holds (a loaded model, vLLM's engine, worker processes,
   servers); the engine is not used after it. Callers that are done with an engine call it where
   it exists (``getattr(engine, "close", None)``). It is left out of :class:`RolloutEngine` so that
@@ -65,7 +70,7 @@ class Completion:
     """The oldest weight version that sampled any of its tokens (the number of ``load_weights``
     calls the engine had completed when those weights went in; ``-1``: the server's checkpoint
     after a failed sync was rolled back). None: the engine does not track versions (it samples
-    with the live actor, or colocated weights that are always current)."""
+    with the live actor, which is always current)."""
 
 
 @runtime_checkable

@@ -15,7 +15,9 @@ and any sampling from a fixed model. Tensor parallelism is not available (one GP
 Faults: a worker that raises, at start or in ``generate``, sends its traceback back and the engine
 raises it, naming the worker; a worker that dies (killed, out of memory) is reported with its exit
 status instead of a bare ``EOFError`` / ``BrokenPipeError``. After any failure every worker is
-stopped (the engine is closed).
+stopped (the engine is closed). A worker that does not answer — hung in a kernel, stopped, deadlocked —
+is waited on for ``startup_timeout_s`` at start and ``request_timeout_s`` per call, then reported
+with its pid, and every worker is killed.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 import traceback
 from collections.abc import Iterable
 from dataclasses import replace
@@ -75,14 +78,21 @@ class DataParallelVLLMEngine:
         size: Engines (processes); None: one per visible GPU (one on CPU).
         engine_args: Keyword arguments of each :class:`~archer.rollout.VLLMEngine` (``dtype``,
             ``max_model_len``, ``kv_cache_memory_bytes``, ...); ``tensor_parallel_size`` must be 1.
+        startup_timeout_s: Longest wait for an engine to load its model.
+        request_timeout_s: Longest wait for an engine's share of one ``generate`` call.
     """
 
     logprobs_match_trainer = False
     """vLLM's log-probs, as :class:`~archer.rollout.VLLMEngine`'s."""
 
-    def __init__(self, size: int | None = None, engine_args: dict[str, Any] | None = None) -> None:
+    def __init__(self, size: int | None = None, engine_args: dict[str, Any] | None = None,
+                 startup_timeout_s: float = 1800.0, request_timeout_s: float = 3600.0) -> None:
         if size is not None and size < 1:
             raise ValueError(f"DataParallelVLLMEngine size must be >= 1 or None, got {size}")
+        if not (startup_timeout_s > 0 and request_timeout_s > 0):
+            raise ValueError(f"DataParallelVLLMEngine timeouts must be > 0, got startup_timeout_s={startup_timeout_s}, "
+                             f"request_timeout_s={request_timeout_s}")
+        self.startup_timeout_s, self.request_timeout_s = startup_timeout_s, request_timeout_s
         self.engine_args = dict(engine_args or {})
         if VLLMEngine(**self.engine_args).tensor_parallel_size != 1:  # bad arguments fail here, not in a worker
             raise ValueError("DataParallelVLLMEngine pins each engine to one GPU: tensor_parallel_size must be 1")
@@ -113,8 +123,9 @@ class DataParallelVLLMEngine:
                 child.close()  # only the worker holds its end: a dead worker reads as EOF here
                 self._connections.append(parent)
                 self._processes.append(process)
+            deadline = time.monotonic() + self.startup_timeout_s
             for rank in range(size):
-                self._receive(rank)
+                self._receive(rank, deadline, f"start (startup_timeout_s={self.startup_timeout_s:g})")
         except BaseException:
             self.close()
             raise
@@ -143,18 +154,24 @@ class DataParallelVLLMEngine:
                 seed = None if sampling.seed is None else sampling.seed + start * sampling.n
                 self._send(rank, (prompt_token_ids[start:stop], replace(sampling, seed=seed)))
                 busy.append(rank)
-            return [group for rank in busy for group in self._receive(rank)]
+            deadline, what = time.monotonic() + self.request_timeout_s, f"generate (request_timeout_s={self.request_timeout_s:g})"
+            return [group for rank in busy for group in self._receive(rank, deadline, what)]
         except BaseException:  # the other workers' answers would be left in their pipes
             self.close()
             raise
 
-    def close(self) -> None:
-        """Stop every engine process (killed if it does not exit within 30 s); idempotent."""
+    @property
+    def endpoint(self) -> str:
+        """What a rollout waits on, in the watchdog's messages."""
+        return f"vLLM data-parallel engines (pids {', '.join(str(p.pid) for p in self._processes)})"
+
+    def close(self, grace_s: float = 30.0) -> None:
+        """Stop every engine process (killed if it does not exit within ``grace_s``); idempotent."""
         for connection in self._connections:
             with contextlib.suppress(OSError):  # unless that worker is already gone
                 connection.send(None)
         for connection, process in zip(self._connections, self._processes):
-            process.join(timeout=30)
+            process.join(timeout=grace_s)
             if process.is_alive():
                 process.kill()
                 process.join()
@@ -167,11 +184,20 @@ class DataParallelVLLMEngine:
         except OSError:  # BrokenPipeError, ConnectionResetError: the worker died
             raise self._died(rank) from None
 
-    def _receive(self, rank: int) -> Any:
+    def _receive(self, rank: int, deadline: float, what: str) -> Any:
+        connection, process = self._connections[rank], self._processes[rank]
         try:
-            status, payload = self._connections[rank].recv()
+            answered = False
+            while not answered and time.monotonic() < deadline:
+                answered = connection.poll(max(0.0, min(1.0, deadline - time.monotonic())))
+            if answered:  # an answer, or the end of the pipe of a worker that died
+                status, payload = connection.recv()
         except (EOFError, OSError):
             raise self._died(rank) from None
+        if not answered:
+            self.close(grace_s=0)  # a hung worker would not read the stop message
+            raise TimeoutError(f"vLLM data-parallel engine {rank} (pid {process.pid}) did not answer its {what} "
+                               "in time; every engine was stopped")
         if status == "error":
             raise RuntimeError(f"vLLM data-parallel engine {rank} (pid {self._processes[rank].pid}) failed:\n{payload}")
         return payload

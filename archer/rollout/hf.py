@@ -15,6 +15,10 @@ actor's recomputed ``log_softmax(x / τ)_y``, so ``rollout/logprob_diff`` measur
 differences (padding, batch shape). At ``τ = 0`` (greedy) no temperature is applied: ℓ is
 ``log_softmax(x)_y``, as vLLM does.
 
+Progress: every generated token reports progress to the run's watchdog
+(:func:`archer.watchdog.progress`), which ends a generation that stalls (``model.watchdog.stall_s``).
+The samples come from the live actor, so they carry no weight version: they are always current.
+
 Sharded actors. Under FSDP2 (``fully_shard``) ``generate`` works unchanged — each forward
 all-gathers the parameters of one layer at a time — but every rank must run the same number of
 forward passes, so ``synced_gpus=True`` is passed whenever parameters are DTensors (ranks that
@@ -31,8 +35,9 @@ from typing import Literal
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from archer import watchdog
 from archer.rollout.base import Completion, SamplingConfig
 
 __all__ = ["HFEngine"]
@@ -53,6 +58,9 @@ class HFEngine:
 
     logprobs_match_trainer = True
     """The samples come from the actor itself: its log-probs are the trainer's (no correction needed)."""
+
+    endpoint = "transformers.generate on the actor"
+    """What a rollout waits on, in the watchdog's messages."""
 
     def __init__(
         self, batch_size: int | None = None, dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -162,6 +170,7 @@ class HFEngine:
             attention_mask=attention_mask,
             generation_config=self._generation_config(sampling),
             synced_gpus=sharded,
+            stopping_criteria=StoppingCriteriaList([_ReportProgress()]),
         )
         new_tokens = out.sequences[:, width:]  # [B, T_gen]
         # scores[t] are the processed (temperature-scaled, top-k/top-p masked) logits of step t.
@@ -181,3 +190,11 @@ class HFEngine:
             end = end if end is not None else len(tokens)
             completions.append(Completion(token_ids=tokens[:end], logprobs=token_logprobs[:end], finish_reason=finish))
         return completions
+
+
+class _ReportProgress(StoppingCriteria):
+    """Never stops generation; tells the watchdog that a token was generated."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        watchdog.progress()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

@@ -17,6 +17,15 @@ log-softmax of the logits after temperature scaling and top-k/top-p masking, of 
 ``log_softmax(logits / τ)`` at that token (vLLM's default ``raw_logprobs`` would be at ``τ = 1``).
 At ``τ = 0`` (greedy) no temperature is applied: ``log_softmax(logits)``, as in :class:`HFEngine`.
 
+Versions: ``version`` counts the ``load_weights`` calls since ``setup`` (0: the weights ``setup``
+pushed), and every completion records the version that sampled it (``Completion.weight_version``),
+so the trainer can check that a step samples with the weights of the last sync
+(:mod:`archer.weight_check`).
+
+Progress: every step of vLLM's engine (one scheduled batch: a prefill or one decoded token of every
+running request) reports progress to the run's watchdog (:func:`archer.watchdog.progress`), which
+ends a generation that stalls (``model.watchdog.stall_s``).
+
 Threads: vLLM's CPU worker reduces torch's intra-op threads to 1 when it starts in a process; the
 engine restores the previous ``torch.get_num_threads()`` right after, so training keeps its cores.
 
@@ -41,6 +50,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from archer import watchdog
 from archer.rollout.base import Completion, SamplingConfig
 
 __all__ = ["VLLMEngine", "cpu_kv_cache_bytes", "named_full_tensors"]
@@ -160,6 +170,9 @@ class VLLMEngine:
     logprobs_match_trainer = False
     """vLLM's kernels (and dtype) differ from the trainer's: its log-probs are the behaviour policy's."""
 
+    endpoint = "the in-process vLLM engine"
+    """What a rollout waits on, in the watchdog's messages."""
+
     def __init__(
         self,
         gpu_memory_utilization: float = 0.5,
@@ -189,6 +202,8 @@ class VLLMEngine:
         self.sleeping = False
         self.last_load_seconds: float | None = None
         """Wall time of the latest ``load_weights`` (reload + prefix-cache reset)."""
+        self.version = 0
+        """Weight version: 0 after ``setup``, +1 when a ``load_weights`` call ends."""
 
     def setup(self, actor: nn.Module | None, tokenizer, model_path: str) -> None:
         """Start the engine from the HF folder, then push the actor's current weights once, so the
@@ -226,8 +241,10 @@ class VLLMEngine:
         self.llm = vllm.LLM(**kwargs)
         torch.set_num_threads(threads)  # vLLM's CPU worker drops this process to 1 thread
         _quiet_per_step_logs()
+        _report_steps(self.llm)
         if actor is not None:
             self.load_weights(named_full_tensors(actor))
+        self.version = 0
 
     def _cpu_memory_given(self) -> bool:
         """Whether the user sized vLLM's CPU memory some other way than ``kv_cache_memory_bytes``."""
@@ -255,6 +272,7 @@ class VLLMEngine:
         llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=iter(named_tensors)))
         llm.reset_prefix_cache()
         self.last_load_seconds = time.perf_counter() - start
+        self.version += 1
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
         """Return ``sampling.n`` completions for each prompt (outer list aligned with the prompts)."""
@@ -287,7 +305,8 @@ class VLLMEngine:
         if self.enable_sleep_mode and torch.cuda.is_available():
             llm.sleep(level=1)
             self.sleeping = True
-        return [[_to_completion(o) for o in sorted(out.outputs, key=lambda sample: sample.index)] for out in outputs]
+        return [[_to_completion(o, self.version) for o in sorted(out.outputs, key=lambda sample: sample.index)]
+                for out in outputs]
 
     def _require_llm(self) -> Any:
         if self.llm is None:
@@ -295,7 +314,21 @@ class VLLMEngine:
         return self.llm
 
 
-def _to_completion(output: Any) -> Completion:
+def _report_steps(llm: Any) -> None:
+    """Make every step of ``llm``'s engine report progress to the watchdog (``LLM.generate`` runs
+    ``llm_engine.step()`` until no request is left)."""
+    engine = llm.llm_engine
+    step = engine.step
+
+    def reporting_step(*args: Any, **kwargs: Any) -> Any:
+        outputs = step(*args, **kwargs)
+        watchdog.progress()
+        return outputs
+
+    engine.step = reporting_step
+
+
+def _to_completion(output: Any, version: int) -> Completion:
     """One vLLM ``CompletionOutput`` → :class:`Completion` (sampled-token log-probs only)."""
     reason: Literal["stop", "length"]
     if output.finish_reason in ("stop", "length"):
@@ -304,4 +337,4 @@ def _to_completion(output: Any) -> Completion:
         raise RuntimeError(f"vLLM finished a completion with reason {output.finish_reason!r} (expected stop/length)")
     token_ids = list(output.token_ids)
     logprobs = [step[token].logprob for step, token in zip(output.logprobs, token_ids)]
-    return Completion(token_ids=token_ids, logprobs=logprobs, finish_reason=reason)
+    return Completion(token_ids=token_ids, logprobs=logprobs, finish_reason=reason, weight_version=version)

@@ -74,3 +74,16 @@ def test_a_worker_that_fails_to_start_sends_its_traceback(tiny_model_dir, tmp_pa
         engine.setup(None, build_tokenizer(), str(broken))
     assert "EOFError" not in str(info.value) and "BrokenPipeError" not in str(info.value)
     assert engine._processes == []  # closed: no worker left behind
+
+
+def test_a_hung_worker_is_reported_after_the_request_timeout_and_all_stop(tiny_model_dir):
+    """A worker frozen by SIGSTOP (a hung kernel, a deadlock) never answers: after request_timeout_s
+    the call fails naming it, and every worker is killed (a stopped process cannot exit by itself)."""
+    engine = DataParallelVLLMEngine(1, ENGINE_ARGS, request_timeout_s=3)
+    engine.setup(None, build_tokenizer(), str(tiny_model_dir))
+    process = engine._processes[0]
+    os.kill(process.pid, signal.SIGSTOP)
+    with pytest.raises(TimeoutError, match=rf"engine 0 \(pid {process.pid}\) did not answer its generate "
+                                           r"\(request_timeout_s=3\) in time; every engine was stopped"):
+        engine.generate(PROMPTS, SamplingConfig(n=1, max_new_tokens=4, seed=0))
+    assert not process.is_alive() and engine._processes == []

@@ -21,6 +21,7 @@ import archer.rollout.vllm as vllm_module
 from archer.rollout import SamplingConfig, VLLMEngine, named_full_tensors
 from archer.rollout.vllm import cpu_kv_cache_bytes
 from archer.tiny import build_tokenizer
+from archer.watchdog import Watchdog
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 vllm = pytest.importorskip("vllm")
@@ -154,6 +155,27 @@ def test_optimizer_step_then_callback_refresh_matches_actor(untied, llm_construc
     actor.eval()
     assert trainer.callback_metrics["time/weight_sync_s"] > 0
     _assert_fresh(actor, engine, probe.expected_greedy, llm_before, llm_constructions)
+
+
+def test_versions_count_syncs_and_every_engine_step_reports_progress(untied):
+    """Each completion carries the number of ``load_weights`` calls since setup; each step of vLLM's
+    engine beats the watchdog (greedy, 12 new tokens, 3 prompts: a prefill step, then one step per
+    token, at least 12)."""
+    actor, engine = untied
+    first = engine.version
+    watchdog = Watchdog(None)
+    beats = []
+    watchdog.beat = lambda: beats.append(1)
+    watchdog.start(rank=0, step=lambda: 0)
+    try:
+        groups = engine.generate(PROMPTS, GREEDY)
+    finally:
+        watchdog.stop()
+    assert {c.weight_version for g in groups for c in g} == {first}
+    assert len(beats) >= GREEDY.max_new_tokens
+    engine.load_weights(named_full_tensors(actor))
+    assert engine.version == first + 1
+    assert {c.weight_version for g in engine.generate(PROMPTS, GREEDY) for c in g} == {first + 1}
 
 
 def test_tied_embeddings_refresh(tied, llm_constructions):

@@ -184,6 +184,12 @@ class RemoteVLLMEngine:
         return self.fleet.servers
 
     @property
+    def endpoint(self) -> str:
+        """What a rollout waits on, in the watchdog's messages."""
+        urls = [server.url for server in self.servers] or self.urls
+        return "vLLM servers " + (", ".join(urls) if urls else "(being launched)")
+
+    @property
     def last_sync_seconds(self) -> float | None:
         """Wall time of the latest weight sync (pause → resume, writing the files included)."""
         return None if self._weights is None else self._weights.last_seconds
@@ -198,12 +204,15 @@ class RemoteVLLMEngine:
             raise RuntimeError("RemoteVLLMEngine.setup called twice")
         tied = _tied_embeddings(actor, model_path)
         self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="archer-generate")
+        # What every sync must look like (names, dtypes, full shapes), read here on every rank: reading a
+        # LoRA actor's merged weights runs the FSDP2 gathers, which the sender must not run alone later.
+        layout = None if actor is None else [(name, p.dtype, tuple(p.shape)) for name, p in actor.named_parameters(remove_duplicate=False)]
         transport: WeightTransport
-        if self.transport == "files":  # what every sync must look like (names, full shapes)
-            shapes = None if actor is None else {name: tuple(p.shape) for name, p in actor.named_parameters(remove_duplicate=False)}
+        if self.transport == "files":
+            shapes = None if layout is None else {name: shape for name, _, shape in layout}
             transport = FilesTransport(self.fleet, make_run_dir(self.weights_dir), shapes)
         else:
-            transport = NCCLTransport(self.fleet, actor, self.nccl_master_address, self.nccl_master_port)
+            transport = NCCLTransport(self.fleet, layout, self.nccl_master_address, self.nccl_master_port)
         self._weights = WeightSync(self.fleet, transport, self.verify_syncs, tied, self._sync_lock)
         # Stops the servers and the pool at close(), garbage collection or exit (the files
         # transport removes its folder the same way).
@@ -212,11 +221,14 @@ class RemoteVLLMEngine:
             self.fleet.start(model_path)
             if self.launch and self.verify_syncs:  # a launched server holds its checkpoint: remember it
                 self.fleet.record_checkpoint_checksums()
+            from archer.rollout.vllm import named_full_tensors
+
             if not self._is_sender():
+                if actor is not None:  # take part in the sender's gathers of sharded parameters
+                    for _ in named_full_tensors(actor):
+                        pass
                 return
             if actor is not None:
-                from archer.rollout.vllm import named_full_tensors
-
                 with self._sync_lock:
                     self._weights.push(named_full_tensors(actor), version=0)
             else:

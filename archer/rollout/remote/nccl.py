@@ -22,8 +22,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import nn
-
 from archer.rollout.remote.fleet import Server, ServerFleet, each, raise_first
 from archer.rollout.server import free_port
 
@@ -54,16 +52,19 @@ class NCCLTransport:
 
     Args:
         fleet: The servers (started with ``--weight-transfer-config '{"backend": "nccl"}'``).
-        actor: The trainer's model, whose parameters give the metadata of each sync without
-            gathering them; None: the metadata comes from the sent tensors themselves.
+        layout: ``(name, dtype, full shape)`` of every tensor a sync sends, read once at ``setup`` on
+            every rank (reading a LoRA actor's merged weights, or an FSDP2 actor's, takes collectives,
+            which the sender alone must not run at each sync); None: the metadata comes from the sent
+            tensors themselves.
         master_address: Address of this machine the servers' workers reach for the rendezvous
             (None: 127.0.0.1 when every server is local, else this host's name).
         master_port: Port of the rendezvous (None: a free one).
     """
 
-    def __init__(self, fleet: ServerFleet, actor: nn.Module | None, master_address: str | None, master_port: int | None) -> None:
+    def __init__(self, fleet: ServerFleet, layout: list[tuple[str, torch.dtype, tuple[int, ...]]] | None,
+                 master_address: str | None, master_port: int | None) -> None:
         self.fleet = fleet
-        self.actor = actor
+        self.layout = layout
         self.master_address = master_address
         self.master_port = master_port
         self.version = 0
@@ -122,8 +123,8 @@ class NCCLTransport:
         return NCCLTrainerWeightTransferEngine.trainer_init(info, client=_FanOutClient(self), source=_CallSource())
 
     def _send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        if self.actor is not None:  # metadata without gathering; vLLM checks iteration against it
-            self._meta = [self._param_meta(n, p.dtype, tuple(p.shape)) for n, p in self.actor.named_parameters(remove_duplicate=False)]
+        if self.layout is not None:  # metadata without gathering; vLLM checks iteration against it
+            self._meta = [self._param_meta(name, dtype, shape) for name, dtype, shape in self.layout]
             self._pairs = named_tensors
         else:
             self._pairs = list(named_tensors)
