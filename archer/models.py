@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from archer.config import LoraConfig
 
-__all__ = ["DTYPES", "add_lora", "fully_shard_decoder", "load_causal_lm", "runs_packed"]
+__all__ = ["DTYPES", "load_actor_and_reference", "add_lora", "fully_shard_decoder", "load_causal_lm", "runs_packed"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """The dtype names a config may give."""
@@ -102,3 +102,24 @@ def fully_shard_decoder(model: nn.Module, mesh, compute_dtype: str | None) -> No
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def load_actor_and_reference(
+    path: str, dtype: str, *, lora=None, needs_reference: bool, attn_implementation: str | None = None,
+    gradient_checkpointing: bool = False, mesh=None, compute_dtype: str | None = None,
+) -> tuple[nn.Module, nn.Module | None]:
+    """The actor (trainable; with ``lora``, frozen under trainable adapters) and the reference (frozen;
+    only when ``needs_reference`` and it is not the LoRA actor with its adapters off, ``lora.reference``),
+    both FSDP2-sharded over the data-parallel ``mesh`` when one is given."""
+    actor = load_causal_lm(path, dtype, attn_implementation=attn_implementation,
+                           gradient_checkpointing=gradient_checkpointing)
+    if lora is not None:
+        add_lora(actor, lora)
+    reference = None
+    if needs_reference and (lora is None or lora.reference == "copy"):
+        reference = load_causal_lm(path, dtype, attn_implementation=attn_implementation, trainable=False)
+    if mesh is not None:
+        for model in (actor, reference):
+            if model is not None:
+                fully_shard_decoder(model, mesh, compute_dtype)
+    return actor, reference

@@ -49,11 +49,12 @@ from archer.config import (
 from archer.data.shard import FILLER_KEY
 from archer.data.stream import STREAM_INDEX_KEY
 from archer.distributed import Collectives, DDPGradientSync, FSDP2GradientSync, GradientSync
+from archer.checkpoint_state import ModelPathState
 from archer.experience import ExperienceMaker, old_logprob_pass_reason
 from archer.lora import MergedWeights
 from archer.losses import ArcherLoss, PolicyLoss
 from archer.metrics import PassAtK
-from archer.models import DTYPES, add_lora, fully_shard_decoder, load_causal_lm, runs_packed
+from archer.models import DTYPES, load_actor_and_reference, runs_packed
 from archer.nonfinite import check_finite_parameters, check_nonfinite_steps, count_skipped
 from archer.optim import build_optimizer
 from archer.preemption import CheckpointOnSigterm
@@ -78,7 +79,7 @@ FSDP2_HINT = (
 """What to use instead of Lightning's FSDP1 strategy, in the words of the error that refuses it."""
 
 
-class ArcherModule(L.LightningModule):
+class ArcherModule(ModelPathState, L.LightningModule):
     """Actor + frozen reference, trained with a verifiable reward by a clipped policy loss.
 
     Args:
@@ -160,11 +161,6 @@ class ArcherModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "reward", "rollout", "advantage_shaping"])
         self.automatic_optimization = False
-        for name, value in (("dtype", dtype), ("fsdp_compute_dtype", fsdp_compute_dtype)):
-            if value is not None and value not in DTYPES:
-                raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {value!r}")
-        if update.ppo_epochs < 1 or update.micro_batch_size < 1 or update.mini_batch_size < 0:
-            raise ValueError(f"update needs ppo_epochs >= 1, micro_batch_size >= 1, mini_batch_size >= 0: {update}")
         self.model_path = model_path
         self.loss = loss if loss is not None else ArcherLoss()
         self.reward, self.rollout, self.sampling = reward, rollout, sampling
@@ -173,23 +169,11 @@ class ArcherModule(L.LightningModule):
         self.advantage, self.advantage_shaping = advantage, advantage_shaping or []
         self.overlong, self.dynamic_sampling = overlong, dynamic_sampling
         self.rollout_correction, self.kl_in_reward, self.async_rollout = rollout_correction, kl_in_reward, async_rollout
-        if kl_in_reward is not None and self.loss.needs_reference:
-            raise ValueError(
-                f"model.kl_in_reward replaces the loss's KL term, but {type(self.loss).__name__} has one too "
-                "(set its KL coefficients to 0, e.g. knowledge_kl: 0.0 / kl_coef: 0.0): the KL would count twice"
-            )
-        if async_rollout is not None and dynamic_sampling is not None and dynamic_sampling.refill:
-            raise ValueError(
-                "model.async_rollout with model.dynamic_sampling.refill: true is not supported: the producer would "
-                "draw refill prompts ahead of the trainer, and a resumed run would draw different ones; use "
-                "dynamic_sampling: {refill: false} (drop only, Archer's recipe)"
-            )
         self.reward_timeout_s, self.reward_workers = reward_timeout_s, reward_workers
         self.max_failed_reward_steps = max_failed_reward_steps
         self.pass_k = sorted(pass_k or [1])
-        if self.val_sampling.n < self.pass_k[-1]:
-            raise ValueError(f"val_sampling.n = {self.val_sampling.n} < largest pass_k = {self.pass_k[-1]}")
         self.dtype_name, self.fsdp_compute_dtype = dtype, fsdp_compute_dtype
+        _check_settings(self)
         self.gradient_checkpointing, self.attn_implementation = gradient_checkpointing, attn_implementation
         self.lora = lora
         self.token_view_samples = token_view_samples
@@ -201,7 +185,6 @@ class ArcherModule(L.LightningModule):
         self.actor: torch.nn.Module | None = None
         """The policy model (its trainable parameters are what is trained and checkpointed; its weights,
         LoRA adapters merged, are what engines load)."""
-        self._frozen_actor_keys: set[str] = set()
         self.reference: torch.nn.Module | None = None
         self.policy: Actor | None = None
         """The actor component over ``actor`` and ``reference``: log-probs and the update (:mod:`archer.actor`)."""
@@ -234,19 +217,14 @@ class ArcherModule(L.LightningModule):
         """
         if self.actor is not None:
             return
-        load = dict(attn_implementation=self.attn_implementation)
-        self.actor = load_causal_lm(self.model_path, self.dtype_name, gradient_checkpointing=self.gradient_checkpointing,
-                                    **load)
-        if self.lora is not None:
-            add_lora(self.actor, self.lora)
+        self.actor, self.reference = load_actor_and_reference(
+            self.model_path, self.dtype_name, lora=self.lora, needs_reference=self.needs_reference,
+            attn_implementation=self.attn_implementation, gradient_checkpointing=self.gradient_checkpointing,
+            mesh=None if self.device_mesh is None else self.device_mesh["data_parallel"],
+            compute_dtype=self.fsdp_compute_dtype,
+        )
         self._frozen_actor_keys = {f"actor.{name}" for name, param in self.actor.named_parameters(remove_duplicate=False)
                                    if not param.requires_grad}
-        if self.needs_reference and (self.lora is None or self.lora.reference == "copy"):
-            self.reference = load_causal_lm(self.model_path, self.dtype_name, trainable=False, **load)
-        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel mesh
-            for model in (self.actor, self.reference):
-                if model is not None:
-                    fully_shard_decoder(model, self.device_mesh["data_parallel"], self.fsdp_compute_dtype)
 
     def setup(self, stage: str) -> None:
         _check_trainer(self)
@@ -340,6 +318,10 @@ class ArcherModule(L.LightningModule):
             if runner is not None:
                 runner.close()
         self.reward_runner, self._async, self._sampler = None, None, None
+        close = getattr(self.rollout, "close", None)  # engines holding processes or memory release them
+        if close is not None and self._engine_ready:
+            close()
+            self._engine_ready = False
 
     def configure_optimizers(self):
         # trainer.max_steps counts RL steps, and so does the schedule (stepped once per training_step).
@@ -348,32 +330,6 @@ class ArcherModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------------ checkpoint hooks
-    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False) -> dict:
-        """The module's state without what is reloaded from ``model_path`` (:meth:`_from_model_path`):
-        what checkpoints hold. (Under FSDP2 Lightning also reads a checkpoint folder by these keys.)"""
-        state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
-        for key in [k for k in state if k.startswith(prefix) and self._from_model_path(k[len(prefix):])]:
-            del state[key]
-        return state
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Load a checkpoint's state; the entries :meth:`state_dict` leaves out keep the values loaded
-        from ``model_path``. ``strict`` holds for every other entry."""
-        result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        missing = [key for key in result.missing_keys if not self._from_model_path(key)]
-        if strict and (missing or result.unexpected_keys):
-            raise RuntimeError(
-                f"the checkpoint's state does not fit this module (model.lora set one way when saved, the other now?): "
-                f"{len(missing)} entries missing {missing[:3]}, {len(result.unexpected_keys)} unexpected "
-                f"{result.unexpected_keys[:3]}"
-            )
-        return result
-
-    def _from_model_path(self, key: str) -> bool:
-        """Whether a state entry is reloaded from ``model_path``, never stored: the reference (the initial
-        actor) and the actor's frozen parameters (with LoRA, the base weights under the adapters)."""
-        return key.startswith("reference.") or key in self._frozen_actor_keys
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["archer"] = dict(self._counters)
 
@@ -479,6 +435,30 @@ class _StopThreadsOnException(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         pl_module.stop_threads()
+
+
+def _check_settings(module: ArcherModule) -> None:
+    """Refuse, with the fix in the message, settings that contradict each other (before any model loads)."""
+    for name, value in (("dtype", module.dtype_name), ("fsdp_compute_dtype", module.fsdp_compute_dtype)):
+        if value is not None and value not in DTYPES:
+            raise ValueError(f"model.{name} must be one of {sorted(DTYPES)}, got {value!r}")
+    update = module.update
+    if update.ppo_epochs < 1 or update.micro_batch_size < 1 or update.mini_batch_size < 0:
+        raise ValueError(f"update needs ppo_epochs >= 1, micro_batch_size >= 1, mini_batch_size >= 0: {update}")
+    if module.kl_in_reward is not None and module.loss.needs_reference:
+        raise ValueError(
+            f"model.kl_in_reward replaces the loss's KL term, but {type(module.loss).__name__} has one too "
+            "(set its KL coefficients to 0, e.g. knowledge_kl: 0.0 / kl_coef: 0.0): the KL would count twice"
+        )
+    sampling = module.dynamic_sampling
+    if module.async_rollout is not None and sampling is not None and sampling.refill:
+        raise ValueError(
+            "model.async_rollout with model.dynamic_sampling.refill: true is not supported: the producer would "
+            "draw refill prompts ahead of the trainer, and a resumed run would draw different ones; use "
+            "dynamic_sampling: {refill: false} (drop only, Archer's recipe)"
+        )
+    if module.val_sampling.n < module.pass_k[-1]:
+        raise ValueError(f"val_sampling.n = {module.val_sampling.n} < largest pass_k = {module.pass_k[-1]}")
 
 
 def _check_trainer(module: ArcherModule) -> None:

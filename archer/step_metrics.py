@@ -64,7 +64,7 @@ STEP_METRICS: dict[str, tuple[str, str]] = {
     "train/optimizer_steps": ("always", "optimizer steps that moved the weights"),
     "train/nonfinite_steps": ("always", "optimizer steps skipped for a non-finite loss or gradient norm, since the start"),
     "train/empty_steps": ("always", "optimizer steps skipped for a mini-batch without tokens, since the start"),
-    "reward/error_fraction": ("always", "reward calls that raised, timed out or returned a non-number"),
+    "reward/error_fraction": ("always", "share of reward calls that raised or returned a non-number (timeouts: reward/timeouts)"),
     "reward/errors": ("always", "reward calls that raised or returned a non-number"),
     "reward/timeouts": ("always", "reward calls that exceeded reward_timeout_s"),
     "time/rollout_s": ("always", "seconds sampling and scoring (asynchronous: waiting for the producer)"),

@@ -1,7 +1,8 @@
 """The model folder ``archer eval`` samples from, and the name its results give it.
 
 A Hugging Face folder is used as it is. A Lightning checkpoint (a ``.ckpt`` file, or the folder
-FSDP2's ``ModelParallelStrategy`` saves) is exported to ``OUT/model`` first, under a temporary
+FSDP2's ``ModelParallelStrategy`` saves) or a LoRA adapter folder (``archer export --adapter-only``:
+merged onto the base model it names) is exported to ``OUT/model`` first, under a temporary
 name renamed when complete, with ``OUT/model/archer_source.json``: the checkpoint's path and the
 size and modification time of each of its files. A rerun reuses the export only while these are
 unchanged; a checkpoint overwritten since (training went on and saved ``last.ckpt`` again) is
@@ -46,7 +47,8 @@ def prepare_model(model: str, out_dir: Path, outputs: Iterable[str] = ()) -> Pat
     """The HF folder to sample from: ``model`` itself, or a Lightning checkpoint exported to ``OUT/model``.
 
     Args:
-        model: a Hugging Face folder, a ``.ckpt`` file, or a sharded (FSDP2) checkpoint folder.
+        model: a Hugging Face folder, a ``.ckpt`` file, a sharded (FSDP2) checkpoint folder, or a LoRA
+            adapter folder.
         out_dir: the eval's output folder.
         outputs: names of the files in ``out_dir`` sampled from the model; removed, before the
             export, when the checkpoint is not the one ``OUT/model`` was exported from (so a kill
@@ -54,7 +56,7 @@ def prepare_model(model: str, out_dir: Path, outputs: Iterable[str] = ()) -> Pat
     """
     path = Path(model)
     target = out_dir / "model"
-    if path.is_file() or is_distributed_checkpoint(path):
+    if path.is_file() or is_distributed_checkpoint(path) or (path / "adapter_config.json").is_file():
         source = checkpoint_fingerprint(path)
         if (target / "config.json").is_file():  # exported by an earlier run of this eval
             before = _exported_from(target)

@@ -11,7 +11,12 @@ megabyte response costs no more than a short one):
 The extracted answer and the ground truth are then compared by math-verify (LaTeX and plain
 expressions, fractions = decimals, radicals, sets, intervals, tuples, percentages, symbolic
 equality), except that single multiple-choice letters (``B``, ``(B)``, ``\\text{B}``) are compared
-as letters, and ``1,000``-style thousands separators are removed first. Answers longer than
+as letters, and ``1,000``-style thousands separators are removed first. A reference answer of
+several comma-separated parts outside brackets (``λ = 2\\sqrt{2}, A(\\pm 1, 0)``) also needs a
+response with as many parts, each equal to a distinct part of the reference (as text or by
+math-verify, in any order), and is graded part by part: math-verify alone may read such an answer as
+one of its parts — it read
+that one, from the CNMO set, as the number 0, so that ``\\boxed{0}`` scored 1. Answers longer than
 ``max_answer_chars`` or nesting braces deeper than ``max_brace_depth`` score 0 without being
 parsed, and ``timeout_s`` bounds the rest (in the main thread; elsewhere run it under
 :class:`archer.rewards.RewardRunner`).
@@ -109,6 +114,50 @@ def _choice_letter(answer: str) -> str | None:
     return match.group(1) if match else None
 
 
+_OPENERS, _CLOSERS = "([{", ")]}"
+_SET_BRACES = re.compile(r"^(?:\\left)?\\\{(.*)(?:\\right)?\\\}$|^\{(.*)\}$", re.S)
+
+
+def top_level_parts(answer: str) -> list[str]:
+    """``answer`` split at the commas outside any bracket, after removing set braces around the whole
+    (``\\{1, 2\\}`` → ``["1", "2"]``; ``(1, 2)`` stays one part, a tuple; ``[0, 1)`` one, an interval)."""
+    answer = answer.strip()
+    braces = _SET_BRACES.match(answer)
+    if braces:
+        answer = (braces.group(1) if braces.group(1) is not None else braces.group(2)).strip()
+    parts, depth, start = [], 0, 0
+    for position, character in enumerate(answer):
+        if character in _OPENERS:
+            depth += 1
+        elif character in _CLOSERS:
+            depth -= 1
+        elif character == "," and depth == 0:
+            parts.append(answer[start:position].strip())
+            start = position + 1
+    parts.append(answer[start:].strip())
+    return parts
+
+
+def _parts_match(gold: list[str], predicted: list[str]) -> bool:
+    """Each gold part equals a distinct predicted part (as text without spaces, or by math-verify)."""
+    if len(gold) != len(predicted):
+        return False
+    left = list(predicted)
+    for part in gold:
+        match = next((i for i, other in enumerate(left) if _same_part(part, other)), None)
+        if match is None:
+            return False
+        left.pop(match)
+    return True
+
+
+def _same_part(a: str, b: str) -> bool:
+    if a.replace(" ", "") == b.replace(" ", ""):
+        return True
+    return bool(verify(parse(f"${a}$", _EXTRACTION, parsing_timeout=None),
+                       parse(f"${b}$", _EXTRACTION, parsing_timeout=None), timeout_seconds=None))
+
+
 @contextlib.contextmanager
 def _time_limit(seconds: float) -> Iterator[None]:
     """Raise _MathTimeout after ``seconds`` (main thread only: elsewhere signals cannot be used,
@@ -160,6 +209,9 @@ def score(
         return float(gold_letter == _choice_letter(predicted))
     try:
         with _time_limit(timeout_s):
+            gold_parts = top_level_parts(gold)
+            if len(gold_parts) > 1:
+                return float(_parts_match(gold_parts, top_level_parts(predicted)))
             gold_parsed = parse(f"${gold}$", _EXTRACTION, parsing_timeout=None)
             predicted_parsed = parse(f"${predicted}$", _EXTRACTION, parsing_timeout=None)
             return float(verify(gold_parsed, predicted_parsed, timeout_seconds=None))

@@ -26,8 +26,14 @@ Progress: every step of vLLM's engine (one scheduled batch: a prefill or one dec
 running request) reports progress to the run's watchdog (:func:`archer.watchdog.progress`), which
 ends a generation that stalls (``model.watchdog.stall_s``).
 
-Threads: vLLM's CPU worker reduces torch's intra-op threads to 1 when it starts in a process; the
-engine restores the previous ``torch.get_num_threads()`` right after, so training keeps its cores.
+Process-wide torch settings: vLLM's CPU worker reduces torch's intra-op threads to 1 when it starts in
+a process, and sets the float32 matmul precision (which also sets oneDNN's
+``torch.backends.mkldnn.matmul.fp32_precision`` from ``none`` to ``ieee``, and so which kernel runs the
+trainer's matmuls: the same weights then give other float32 roundings). The engine restores both right
+after it starts, so training keeps its cores, and its numerics do not depend on whether an engine was
+started in the process (a resumed run reproduces an uninterrupted one bit for bit). It also takes back
+the variables vLLM puts in ``os.environ`` for its own workers that any later child process would
+inherit (``LD_PRELOAD``, ``LD_LIBRARY_PATH``, ``LOCAL_WORLD_SIZE``).
 
 Memory on CPU: vLLM sizes its CPU KV cache, unless told a size, as ``0.92 × total memory`` minus
 what the process holds, and refuses to start when less than ``0.92 × total`` is available — i.e.
@@ -39,6 +45,7 @@ share is given (``kv_cache_memory_bytes``, ``engine_kwargs`` ``kv_cache_memory_b
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -237,9 +244,8 @@ class VLLMEngine:
         if self.tensor_parallel_size > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"
         kwargs.update(self.engine_kwargs)
-        threads = torch.get_num_threads()
-        self.llm = vllm.LLM(**kwargs)
-        torch.set_num_threads(threads)  # vLLM's CPU worker drops this process to 1 thread
+        with _torch_settings_kept():
+            self.llm = vllm.LLM(**kwargs)
         _quiet_per_step_logs()
         _report_steps(self.llm)
         if actor is not None:
@@ -338,3 +344,31 @@ def _to_completion(output: Any, version: int) -> Completion:
     token_ids = list(output.token_ids)
     logprobs = [step[token].logprob for step, token in zip(output.logprobs, token_ids)]
     return Completion(token_ids=token_ids, logprobs=logprobs, finish_reason=reason, weight_version=version)
+
+
+_CHILD_ENVIRONMENT = ("LD_PRELOAD", "LD_LIBRARY_PATH", "LOCAL_WORLD_SIZE")
+"""Variables vLLM's CPU platform sets in ``os.environ`` at start-up for its own worker processes (an
+OpenMP runtime preloaded, a library path, a world size); left there, every process Archer starts later
+(reward workers, ``archer compare`` runs, test subprocesses) would inherit them."""
+
+
+@contextlib.contextmanager
+def _torch_settings_kept() -> Iterator[None]:
+    """Restore the process-wide torch settings vLLM changes when it starts (module docstring)."""
+    threads, precision = torch.get_num_threads(), torch.get_float32_matmul_precision()
+    backends = [torch.backends.mkldnn, torch.backends.mkldnn.matmul, torch.backends.mkldnn.conv, torch.backends.mkldnn.rnn]
+    fp32 = [getattr(backend, "fp32_precision", None) for backend in backends]
+    inherited = {key: os.environ.get(key) for key in _CHILD_ENVIRONMENT}
+    try:
+        yield
+    finally:
+        for key, value in inherited.items():  # what every later child process would inherit
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        torch.set_num_threads(threads)
+        torch.set_float32_matmul_precision(precision)
+        for backend, value in zip(backends, fp32):
+            if value is not None:
+                backend.fp32_precision = value

@@ -135,6 +135,13 @@ def test_export_merged_and_adapter_only(one_process, tiny_model_dir, tmp_path):
     again = export_checkpoint(adapter_dir, tmp_path / "merged-again")
     for name, tensor in load_file(again / "model.safetensors").items():
         torch.testing.assert_close(tensor, merged[name], rtol=0, atol=1e-6, msg=name)
+    # archer eval of the adapter folder samples from that merged model (exported into its output folder).
+    from archer.eval.model import prepare_model
+
+    sampled = prepare_model(str(adapter_dir), tmp_path / "eval")
+    assert sampled == tmp_path / "eval" / "model"
+    for name, tensor in load_file(sampled / "model.safetensors").items():
+        torch.testing.assert_close(tensor, merged[name], rtol=0, atol=1e-6, msg=name)
 
 
 def test_export_adapter_only_needs_a_lora_checkpoint(tiny_model_dir, tmp_path):

@@ -31,9 +31,9 @@ def _nearby_wrong(answer: str) -> str:
     return re.sub(r"\d", lambda digit: str((int(digit.group()) + 1) % 10), answer, count=1)
 
 
-# math-verify reads this reference answer, "λ = 2√2, A(±1, 0)", as the number 0 (so "\boxed{0}" scores 1
-# on it too): a known limitation of the grader, pinned here so that a change either way is noticed.
-GRADED_AS_ZERO = {("cnmo", 17)}
+# math-verify alone reads this reference answer, "λ = 2√2, A(±1, 0)", as the number 0 (so "\boxed{0}" and
+# "λ = 3√2, A(±1, 0)" scored 1); MathReward grades answers of several parts part by part.
+MULTI_PART = ("cnmo", 17)
 
 
 def test_math_grader_takes_each_reference_answer_and_refuses_a_nearby_wrong_one(tiny_model_dir, tmp_path):
@@ -49,9 +49,9 @@ def test_math_grader_takes_each_reference_answer_and_refuses_a_nearby_wrong_one(
             assert d.reward(f"So the answer is \\boxed{{{row['answer']}}}.", row) == 1.0, (name, row["id"])
             if d.reward(f"So the answer is \\boxed{{{_nearby_wrong(row['answer'])}}}.", row) != 0.0:
                 accepted_wrong.add((name, row["id"]))
-    assert accepted_wrong == GRADED_AS_ZERO
-    (name, index), = GRADED_AS_ZERO
-    assert datasets[name].reward("\\boxed{0}", datasets[name].rows[index]) == 1.0
+    assert accepted_wrong == set()
+    name, index = MULTI_PART
+    assert datasets[name].reward("\\boxed{0}", datasets[name].rows[index]) == 0.0
 
 
 @pytest.mark.slow

@@ -82,3 +82,24 @@ def test_time_limit_bounds_slow_sympy():
     # depth 7: allowed, but sympy takes seconds; the limit makes it a 0 (its duration: bench_rewards.py)
     tower = "\\boxed{2^{2^{2^{2^{2^{2^{2^{2}}}}}}}}"
     assert score(tower, "3", timeout_s=0.5) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        (r"\boxed{\lambda=2\sqrt{2}, A(\pm 1, 0)}", 1.0),  # as written
+        (r"\boxed{A(\pm 1, 0), \lambda = \sqrt{8}}", 1.0),  # parts in another order, one written otherwise
+        (r"\boxed{\lambda=3\sqrt{2}, A(\pm 1, 0)}", 0.0),  # one part wrong
+        (r"\boxed{0}", 0.0),  # math-verify alone reads the reference as 0 and took this
+        (r"\boxed{\lambda=2\sqrt{2}}", 0.0),  # a part missing
+    ],
+)
+def test_an_answer_of_several_parts_is_graded_part_by_part(response, expected):
+    assert score(response, r"\lambda=2\sqrt{2}, A(\pm 1, 0)") == expected
+
+
+def test_a_set_of_values_matches_in_any_order_and_with_set_braces():
+    assert score(r"\boxed{3, 2, 1}", "1, 2, 3") == 1.0
+    assert score(r"\boxed{\{3,2,1\}}", "1, 2, 3") == 1.0
+    assert score(r"\boxed{1, 2}", "1, 2, 3") == 0.0
+    assert score(r"\boxed{(1, 2)}", "(1,2)") == 1.0  # a tuple is one part
