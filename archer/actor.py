@@ -30,6 +30,7 @@ Nothing here imports Lightning: the strategy's specifics come in as small object
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -131,8 +132,9 @@ class Actor:
         return counted
 
     # ------------------------------------------------------------------------------- log-probs
-    def _forward(self, model: nn.Module, mb: RolloutBatch, *, entropy_grad: bool = False) -> tuple[Tensor, Tensor]:
-        self.forward_passes["reference" if model is self.reference else "actor"] += 1
+    def _forward(self, model: nn.Module, mb: RolloutBatch, *, entropy_grad: bool = False,
+                 reference: bool = False) -> tuple[Tensor, Tensor]:
+        self.forward_passes["reference" if reference else "actor"] += 1
         logprob, entropy, computed = response_logprobs(
             model, mb, self.temperature, packed=self.packed, chunk_size=self.config.logprob_chunk_size,
             entropy_grad=entropy_grad,
@@ -150,19 +152,19 @@ class Actor:
         ``by_row``: ``[N, R]`` indexed like the rollout's rows (zero for rows no micro-batch holds);
         else ``[rows, R]`` for the micro-batches' rows, concatenated in order.
         """
-        if reference and self.reference is self.model:  # a LoRA actor: the reference is its base model
-            with adapters_disabled(self.model):
-                return self.logprobs(rollout, micro_batches, by_row=by_row)
         model = self.reference if reference else self.model
+        # A LoRA actor is its own reference: its base model, adapters off.
+        base = adapters_disabled(self.model) if reference and self.reference is self.model else contextlib.nullcontext()
         rows = torch.cat(micro_batches)
         logprob = torch.zeros(len(rows), rollout.response_ids.shape[1], device=self.device)
         entropy = torch.zeros_like(logprob)
         start = 0
-        for micro in micro_batches:
-            lp, ent = self._forward(model, self._micro_batch(rollout, micro))
-            part, r = slice(start, start + len(micro)), lp.shape[1]
-            logprob[part, :r], entropy[part, :r] = lp[: len(micro)], ent[: len(micro)]
-            start += len(micro)
+        with base:
+            for micro in micro_batches:
+                lp, ent = self._forward(model, self._micro_batch(rollout, micro), reference=reference)
+                part, r = slice(start, start + len(micro)), lp.shape[1]
+                logprob[part, :r], entropy[part, :r] = lp[: len(micro)], ent[: len(micro)]
+                start += len(micro)
         if not by_row:
             return logprob, entropy
         full = torch.zeros(rollout.num_sequences, rollout.response_ids.shape[1], device=self.device)
@@ -197,6 +199,12 @@ class Actor:
                 (Lightning's wrapper counts it as the RL step's one global step).
         """
         plan = self.plan(exp, seeds, step)
+        if exp.old_logprob is None and (len(plan) != 1 or self.loss.needs_minibatch_forward):
+            raise RuntimeError(
+                f"the experience left π_old to the update, but the update is {len(plan)} optimizer steps"
+                + (" with a mini-batch pre-pass" if self.loss.needs_minibatch_forward else "")
+                + ": π_old must come from a separate pass (archer.experience.old_logprob_pass_reason)"
+            )
         self.pop_computed_tokens()
         stats, taken, empty, nonfinite = no_stats(), 0, 0, 0
         first_entropy = None

@@ -1,7 +1,7 @@
 """The ``archer`` command.
 
     archer fit --config configs/quickstart.yaml        # LightningCLI: fit | validate
-    archer fit --config X.yaml --print_config           # the fully resolved config
+    archer fit --config X.yaml --print_config           # the config as parsed (${...} references unresolved)
     archer fit --config X.yaml --ckpt_path last         # resume from the newest checkpoint
     archer fit --config X.yaml --trainer.default_root_dir runs/other   # every output of the run elsewhere
     archer fit --config X.yaml --trainer.callbacks+=my_callbacks.PrintReward   # one more callback
@@ -252,13 +252,25 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as error:
         if verbose:
             raise
-        traceback_hint = "" if isinstance(error, ArgumentError) else "  (--verbose shows the traceback)"
+        traceback_hint = "" if isinstance(error, ArgumentError) else f"  (traceback: {_save_traceback(error)})"
         raise SystemExit(describe(error, command) + traceback_hint) from error
     finally:
         if added and cwd in sys.path:
             sys.path.remove(cwd)
         if verbose_before is None:
             os.environ.pop(VERBOSE, None)
+
+
+def _save_traceback(error: BaseException) -> str:
+    """Write ``error``'s traceback to a file and return its path: the one-line message stays short, and
+    an error raised hours into a run (which may be a bug, not a mistake) keeps its traceback without a
+    rerun with ``--verbose``."""
+    import tempfile
+    import traceback
+
+    with tempfile.NamedTemporaryFile("w", prefix="archer-error-", suffix=".log", delete=False) as file:
+        file.write("".join(traceback.format_exception(error)))
+    return file.name
 
 
 if __name__ == "__main__":

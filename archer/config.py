@@ -96,6 +96,11 @@ class RolloutCorrectionConfig:
     lower: float | None = None
     """Lower mask bound; None = 1 / upper."""
 
+    def applied(self, engine_matches_trainer: bool) -> bool:
+        """Whether the weights multiply the loss, with an engine whose log-probs are (``HFEngine``) or
+        are not (vLLM) the trainer's own."""
+        return self.apply == "always" or (self.apply == "auto" and not engine_matches_trainer)
+
 
 @dataclass
 class KLRewardConfig:

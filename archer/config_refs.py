@@ -14,6 +14,8 @@ so ``--trainer.default_root_dir DIR`` moves the logs, checkpoints, token views a
 tables together. A reference names any setting of the same command by its dotted key and is
 replaced by that setting's final value (the last file or flag that set it), as OmegaConf's
 interpolation does in verl's configs; ``--print_config`` shows the references unresolved.
+A reference is a dotted key (``${section.key}``), so a LaTeX ``${n}$`` in a prompt template is left
+alone; ``$${a.b}`` writes a literal ``${a.b}``.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from jsonargparse import Namespace
 
 __all__ = ["REFERENCE", "resolve_references"]
 
-REFERENCE = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")
-"""``${dotted.key}``."""
+REFERENCE = re.compile(r"(?<!\$)\$\{([A-Za-z_]\w*(?:\.\w+)+)\}")
+"""``${dotted.key}`` (at least one dot), not preceded by another ``$`` (the escape)."""
 
 _MAX_DEPTH = 8
 """References resolved through others (``${a}`` where ``a`` is ``${b}/x``) before a cycle is assumed."""
@@ -43,9 +45,9 @@ def _lookup(config: Namespace, key: str, where: str) -> str:
 
 
 def _resolve_text(text: str, config: Namespace, where: str) -> str:
-    for _ in range(_MAX_DEPTH):
+    for _ in range(_MAX_DEPTH + 1):  # a chain of _MAX_DEPTH references resolves
         if not REFERENCE.search(text):
-            return text
+            return text.replace("$${", "${")
         text = REFERENCE.sub(lambda match: _lookup(config, match.group(1), where), text)
     raise ValueError(f"{where}: references nest deeper than {_MAX_DEPTH} levels (a cycle?): {text!r}")
 

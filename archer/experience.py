@@ -45,7 +45,7 @@ from archer.rollout.batch import RolloutBatch, collate_rollout
 from archer.sampling import ScoredGroups
 from archer.shaping import AdvantageShaping
 
-__all__ = ["Experience", "ExperienceMaker", "old_logprob_pass_reason"]
+__all__ = ["Experience", "ExperienceMaker", "has_dropout", "old_logprob_pass_reason"]
 
 
 @dataclass
@@ -170,8 +170,7 @@ class ExperienceMaker:
         weights = rollout_correction_weights(old_logprob, engine, mask, lower=correction.lower, **options)
         mismatch = rollout_mismatch_stats(old_logprob, engine, mask, weights, **options)
         mismatch["logprob_diff"] = masked_ratio((engine - old_logprob).abs(), mask.bool())
-        apply = correction.apply == "always" or (correction.apply == "auto" and not self.engine_matches_trainer)
-        return (weights if apply else None), mismatch
+        return (weights if correction.applied(self.engine_matches_trainer) else None), mismatch
 
     def _rows_of_every_rank(self, rollout: RolloutBatch, keep: Tensor) -> list[Tensor]:
         """Per rank ``q``, its ``[N, 3]`` (prompt length, response length, kept) rows: what the
@@ -186,7 +185,7 @@ class ExperienceMaker:
 
 def old_logprob_pass_reason(
     update: UpdateConfig, *, batch_size: int | None, loss, advantage_shaping: list[AdvantageShaping],
-    kl_in_reward: bool, asynchronous: bool, correction_applied: bool,
+    kl_in_reward: bool, asynchronous: bool, correction_applied: bool, dropout: bool = False,
 ) -> str | None:
     """Why a step needs a separate no-grad π_old pass, or None when π_old can come from the update's
     own forward (module docstring). The pass is needed when the weights change between the rollout
@@ -199,7 +198,9 @@ def old_logprob_pass_reason(
     - an advantage shaping that reads log-probs (perplexity shaping);
     - a loss whose mini-batch context reads a pre-pass (``needs_minibatch_forward``: Clip-/KL-Cov,
       the 80/20 batch threshold, Archer's per-type KL units);
-    - rollout-correction weights π_old / μ applied to the loss (vLLM engines).
+    - rollout-correction weights π_old / μ applied to the loss (vLLM engines);
+    - dropout in the actor (its modules, ``attention_dropout``, LoRA's ``dropout``): the update's forward
+      runs in train mode, so its log-probs would be a noisy π_old (the pass runs in eval mode).
     """
     single = update.mini_batch_size == 0 or (batch_size is not None and update.mini_batch_size >= batch_size)
     reasons = [
@@ -210,6 +211,14 @@ def old_logprob_pass_reason(
         (any(getattr(s, "uses_logprob", True) for s in advantage_shaping), "an advantage shaping reads log-probs"),
         (loss.needs_minibatch_forward, f"{type(loss).__name__} reads a mini-batch pre-pass"),
         (correction_applied, "rollout-correction weights π_old / μ (model.rollout_correction)"),
+        (dropout, "dropout in the actor (the update's forward runs in train mode)"),
     ]
     found = [text for needed, text in reasons if needed]
     return "; ".join(found) if found else None
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether ``model`` drops anything in train mode: a dropout module with p > 0 (LoRA's included),
+    or a functional attention dropout (``config.attention_dropout``, HF attention kernels)."""
+    modules = any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
+    return modules or float(getattr(getattr(model, "config", None), "attention_dropout", 0.0) or 0.0) > 0

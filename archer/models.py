@@ -66,6 +66,13 @@ def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
 
     embeddings = (model.get_input_embeddings(), model.get_output_embeddings())
     for name, module in _adapted_modules(model).items():
+        if getattr(module, "fan_in_fan_out", False):  # Conv1D layers (GPT-2): the merge for engines assumes W [out, in]
+            raise ValueError(f"model.lora adapts {name}, a Conv1D-style layer (fan_in_fan_out): not supported")
+        if isinstance(module, ModulesToSaveWrapper) and next(model.parameters()).dtype != torch.float32:
+            raise ValueError(
+                f"model.lora.modules_to_save ({name}) needs model.dtype: float32: the trained copies are kept in "
+                "float32 and would feed float32 activations into the model's other layers"
+            )
         if any(module is e for e in embeddings) or not isinstance(module, (Linear, ModulesToSaveWrapper)):
             raise ValueError(
                 f"model.lora (target_modules = {config.target_modules!r}, modules_to_save = {config.modules_to_save!r}) "

@@ -28,7 +28,7 @@ import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from archer.actor import Actor
 from archer.algorithms import AdvantageEstimator
@@ -50,7 +50,7 @@ from archer.data.shard import FILLER_KEY
 from archer.data.stream import STREAM_INDEX_KEY
 from archer.distributed import Collectives, DDPGradientSync, FSDP2GradientSync, GradientSync
 from archer.checkpoint_state import ModelPathState
-from archer.experience import ExperienceMaker, old_logprob_pass_reason
+from archer.experience import ExperienceMaker, has_dropout, old_logprob_pass_reason
 from archer.lora import MergedWeights
 from archer.losses import ArcherLoss, PolicyLoss
 from archer.metrics import PassAtK
@@ -283,11 +283,11 @@ class ArcherModule(ModelPathState, L.LightningModule):
         )
         behaviour = self.async_rollout is not None and self.async_rollout.off_policy == "behaviour"
         matches = getattr(self.rollout, "logprobs_match_trainer", False)
-        correction = self.rollout_correction.apply == "always" or (self.rollout_correction.apply == "auto" and not matches)
         reason = old_logprob_pass_reason(
             self.update, batch_size=getattr(self.trainer.datamodule, "batch_size", None), loss=self.loss,
             advantage_shaping=self.advantage_shaping, kl_in_reward=self.kl_in_reward is not None,
-            asynchronous=self.async_rollout is not None, correction_applied=correction,
+            asynchronous=self.async_rollout is not None, correction_applied=self.rollout_correction.applied(matches),
+            dropout=has_dropout(self.actor),
         )
         rank_zero_info("π_old: " + ("the update's own forward (an on-policy step: one PPO epoch, one mini-batch; "
                                     "docs/scaling.md)" if reason is None else f"a separate no-grad pass ({reason})"))
@@ -299,7 +299,9 @@ class ArcherModule(ModelPathState, L.LightningModule):
         )
         self._weight_check = WeightCheck(
             self.weight_check, self.rollout, asynchronous=self.async_rollout is not None, collectives=self.collectives,
-            trainer_dtype=self.fsdp_compute_dtype or self.dtype_name, checkpoint_dtype=str(self.actor.config.dtype),
+            trainer_dtype=self.fsdp_compute_dtype or self.dtype_name,
+            checkpoint_dtype=str(AutoConfig.from_pretrained(self.model_path).dtype or "float32"),  # as saved, not loaded
+            truncated_sampling=self.sampling.top_p < 1 or self.sampling.top_k > 0,
         )
 
     def configure_callbacks(self) -> list[L.Callback]:
@@ -493,8 +495,8 @@ def _check_trainer(module: ArcherModule) -> None:
 def _check_async(module: ArcherModule) -> None:
     from archer.callbacks import WeightSyncCallback
 
-    if not hasattr(module.rollout, "version"):
-        raise ValueError(
+    if not getattr(module.rollout, "serves_during_sync", False):  # VLLMEngine counts versions, but is one engine
+        raise ValueError(                                            # the trainer's thread reloads in place
             f"model.async_rollout needs an engine that serves while its weights are replaced and counts "
             f"weight versions (archer.rollout.RemoteVLLMEngine); {type(module.rollout).__name__} does not"
         )

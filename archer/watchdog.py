@@ -221,13 +221,17 @@ class Watchdog:
         next_beat = time.monotonic() + self.config.heartbeat_s
         while not self._stopping.wait(self.tick_s):
             now = time.monotonic()
-            reason = self.overdue(now)
+            try:
+                reason = self.overdue(now)
+                if reason is None and self.config.heartbeat_s and now >= next_beat:
+                    self._write(self.heartbeat_line(now))
+                    next_beat = now + self.config.heartbeat_s
+            except Exception as error:  # noqa: BLE001 - a watchdog that died silently would bound nothing
+                self._write(f"[archer watchdog] rank {self.rank}: {type(error).__name__}: {error} (still watching)")
+                continue
             if reason is not None:
                 self._expire(reason)
                 return
-            if self.config.heartbeat_s and now >= next_beat:
-                self._write(self.heartbeat_line(now))
-                next_beat = now + self.config.heartbeat_s
 
     def _expire(self, reason: str) -> None:
         """Every thread's stack, then the one line, then the exit."""

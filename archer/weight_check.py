@@ -23,7 +23,13 @@ over the tokens of samples drawn by the trainer's current weights (synchronous: 
 so it equals ``rollout/logprob_diff``; asynchronous: those of staleness 0). It must stay below
 ``max_gap`` (by dtype: 0.01 when engine and trainer run float32, where a synced engine is within
 1e-6; 0.1 otherwise), and must not jump: ``gap > jump_factor · median(previous gaps)`` is an error
-too, unless ``gap < max_gap / jump_factor`` (rounding noise). Either stops the run naming the engine.
+too on two steps in a row (one spike is tolerated), unless ``gap < max_gap / jump_factor`` (rounding
+noise). Either stops the run naming the engine. Sampling with top-p < 1 or top-k turns the canary off:
+μ is then of the truncated distribution, π_old of the full one. Its limits: a stale engine whose
+weights differ from the trainer's by less than the limit (small learning rates in bfloat16: one step
+of lr 1e-6 moves log-probs by ~1e-4) is caught only once the drift accumulates past it, and
+asynchronous steps where every sample is one version stale have no staleness-0 tokens to compare
+(the versions still bound them; ``RemoteVLLMEngine.verify`` compares checksums of the weights).
 """
 
 from __future__ import annotations
@@ -77,12 +83,15 @@ class WeightCheck:
         engine: The rollout engine (its ``version``, when it counts them, and its ``endpoint``).
         asynchronous: Rollouts come from the asynchronous producer.
         trainer_dtype: The dtype the trainer computes log-probs in.
-        checkpoint_dtype: The checkpoint's dtype (what a vLLM engine with ``dtype: auto`` loads).
+        checkpoint_dtype: The checkpoint's dtype as saved (what a vLLM engine with ``dtype: auto`` loads).
         collectives: Over the ranks: a stale sample on any rank stops every rank.
+        truncated_sampling: Training samples with top-p < 1 or top-k: the engine's μ is of the truncated,
+            renormalised distribution and π_old of the full one, so their gap is not a sign of stale
+            weights and the canary is off (the versions are still checked).
     """
 
     def __init__(self, config: WeightCheckConfig, engine, *, asynchronous: bool, trainer_dtype: str,
-                 checkpoint_dtype: str, collectives: Collectives) -> None:
+                 checkpoint_dtype: str, collectives: Collectives, truncated_sampling: bool = False) -> None:
         self.config = config
         self.engine = engine
         self.asynchronous = asynchronous
@@ -90,7 +99,9 @@ class WeightCheck:
         stale = config.on_stale if config.on_stale != "auto" else ("drop" if asynchronous else "error")
         self.stops_on_stale = stale == "error"
         self.trainer_dtype, self.checkpoint_dtype = trainer_dtype, checkpoint_dtype.removeprefix("torch.")
+        self.truncated_sampling = truncated_sampling
         self.gaps: list[float] = []
+        self._jumped = False  # the previous step's gap jumped: a second jump in a row stops the run
         self._first_step: int | None = None  # s₀: the step whose samples version 0 drew
 
     @property
@@ -128,9 +139,11 @@ class WeightCheck:
         if self._first_step is None:
             self._first_step = step - self.engine.version
         expected = step - self._first_step
-        wrong = torch.tensor([v is not None and v != expected for v in versions])
+        # An engine that counts versions labels every sample; one without a label (a server restarted from
+        # its checkpoint, labelled "default") is not known to hold the synced weights.
+        wrong = torch.tensor([v is None or v != expected for v in versions])
         if self._stale_anywhere(int(wrong.sum())):
-            found = sorted({v for v in known if v != expected})
+            found = sorted({v for v in known if v != expected}) + (["unlabelled"] if None in versions else [])
             raise StaleWeightsError(
                 f"step {step}: samples were drawn by weight version {found or '(on another rank)'} of "
                 f"{self.engine_name}, but the trainer synced version {expected} after step {step - 1}: a weight sync "
@@ -149,16 +162,18 @@ class WeightCheck:
 
     def canary(self, gap: float | None, step: int) -> None:
         """Stop the run when this step's canary gap (the same on every rank) is too large or jumped."""
-        if gap is None or not self.config.canary:
+        if gap is None or not self.config.canary or self.truncated_sampling:
             return
         floor = self.limit / self.config.jump_factor
         why = None
+        jumped = is_jump(gap, self.gaps, factor=self.config.jump_factor, floor=floor)
         if not gap <= self.limit:  # NaN too
             why = f"above the limit {self.limit:g} (model.weight_check.max_gap)"
-        elif is_jump(gap, self.gaps, factor=self.config.jump_factor, floor=floor):
+        elif jumped and self._jumped:  # one spike (a long sequence in low precision) is not enough
             median = statistics.median(self.gaps)
-            why = (f"{gap / median:.0f}× the median of the previous {len(self.gaps)} steps ({median:.3g}; "
-                   f"model.weight_check.jump_factor = {self.config.jump_factor:g})")
+            why = (f"{gap / median:.0f}× the median of the previous {len(self.gaps)} steps ({median:.3g}) for a second "
+                   f"step in a row (model.weight_check.jump_factor = {self.config.jump_factor:g})")
+        self._jumped = jumped
         if why is not None:
             raise StaleWeightsError(
                 f"step {step}: the log-probs of {self.engine_name} differ from the trainer's by {gap:.4g} per token "

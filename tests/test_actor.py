@@ -69,6 +69,8 @@ def test_the_on_policy_update_equals_the_update_after_a_separate_pass(tiny_model
     mask = separate[1].rollout.response_mask.bool()
     torch.testing.assert_close(skipped[1].old_logprob[mask], separate[1].old_logprob[mask], rtol=0, atol=1e-6)
     assert skipped[1].mismatch.keys() == separate[1].mismatch.keys() != set()  # the statistics, after the update
+    for key, value in separate[1].mismatch.items():  # computed from the same π_old (HF: only rounding apart)
+        torch.testing.assert_close(float(skipped[1].mismatch[key]), float(value), rtol=1e-4, atol=1e-6, msg=key)
     for key in ("pg_loss", "kl", "entropy", "grad_norm"):
         torch.testing.assert_close(float(skipped[2].stats[key]), float(separate[2].stats[key]), rtol=1e-5, atol=1e-8)
     for (name, a), b in zip(separate[0].named_parameters(), skipped[0].parameters()):
@@ -86,6 +88,7 @@ READERS = {
     "80/20 batch threshold": dict(loss=HighEntropyMaskLoss()),
     "archer token-mean kl units": dict(loss=ArcherLoss(loss_agg="token-mean")),
     "correction weights": dict(correction_applied=True),
+    "dropout": dict(dropout=True),
 }
 
 
@@ -105,3 +108,45 @@ def test_an_on_policy_step_skips_the_pass():
     assert _reason() is None
     assert _reason(update=UpdateConfig(mini_batch_size=16)) is None  # one mini-batch of the whole batch
     assert _reason(loss=DAPOLoss(), advantage_shaping=[PositionShaping()]) is None  # position shaping reads no log-prob
+
+
+def test_dropout_anywhere_in_the_actor_is_seen(tiny_model_dir):
+    from archer.config import LoraConfig
+    from archer.experience import has_dropout
+    from archer.models import add_lora
+
+    assert not has_dropout(load_causal_lm(tiny_model_dir, "float32"))
+    assert has_dropout(add_lora(load_causal_lm(tiny_model_dir, "float32"), LoraConfig(dropout=0.1)))
+    model = load_causal_lm(tiny_model_dir, "float32")
+    model.config.attention_dropout = 0.1  # functional dropout inside the attention kernel
+    assert has_dropout(model)
+
+
+def test_an_update_left_pi_old_refuses_a_plan_of_several_steps(tiny_model_dir):
+    """The rule (old_logprob_pass_reason) and the plan must agree; if they do not, the actor stops
+    instead of training later mini-batches with a ratio of 1."""
+    scored = _scored(tiny_model_dir)
+    model = load_causal_lm(tiny_model_dir, "float32")
+    actor = Actor(model, None, ArcherLoss(knowledge_kl=0.0), update=UpdateConfig(ppo_epochs=2), group_size=N,
+                  temperature=1.0, max_new_tokens=6, max_grad_norm=1.0, packed=False, device=torch.device("cpu"),
+                  collectives=Collectives(), gradient_sync=GradientSync())
+    maker = ExperienceMaker(actor, pad_token_id=0, max_new_tokens=6, advantage="grpo", advantage_shaping=[],
+                            overlong=None, kl_in_reward=None, rollout_correction=RolloutCorrectionConfig(),
+                            engine_matches_trainer=True, behaviour_ratio=False, old_logprob_from_update=True)
+    with pytest.raises(RuntimeError, match="the update is 2 optimizer steps"):
+        actor.update(maker.make(scored), torch.optim.AdamW(model.parameters()), seeds=Seeds(0), step=0)
+
+
+def test_a_lora_actor_counts_its_reference_passes_as_reference(tiny_model_dir):
+    from archer.config import LoraConfig
+    from archer.models import add_lora
+
+    model = add_lora(load_causal_lm(tiny_model_dir, "float32"), LoraConfig())
+    actor = Actor(model, model, ArcherLoss(), update=UpdateConfig(micro_batch_size=5), group_size=N, temperature=1.0,
+                  max_new_tokens=6, max_grad_norm=1.0, packed=False, device=torch.device("cpu"),
+                  collectives=Collectives(), gradient_sync=GradientSync())
+    maker = ExperienceMaker(actor, pad_token_id=0, max_new_tokens=6, advantage="grpo", advantage_shaping=[],
+                            overlong=None, kl_in_reward=None, rollout_correction=RolloutCorrectionConfig(),
+                            engine_matches_trainer=True, behaviour_ratio=False, old_logprob_from_update=True)
+    actor.update(maker.make(_scored(tiny_model_dir)), torch.optim.AdamW(model.parameters()), seeds=Seeds(0), step=0)
+    assert dict(actor.forward_passes) == {"actor": 3, "reference": 3}

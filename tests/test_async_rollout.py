@@ -88,3 +88,23 @@ def test_staleness_counts_from_the_oldest_span_or_the_start():
                              start_step=5, producer_idle_s=0.0)
     # steps: 5 (the start), 5, 4, 5 (not newer than the start), 2 → staleness 1, 1, 2, 1, 4
     assert staleness(produced, step=6, version_offset=3).tolist() == [1, 1, 2, 1, 4]
+
+
+def test_async_rollouts_refuse_the_in_process_vllm_engine(tiny_model_dir):
+    """VLLMEngine counts weight versions, but it is one engine that the training thread reloads in place:
+    a producer thread generating on it meanwhile would sample half-copied weights."""
+    import lightning as L
+    import pytest
+
+    from archer.config import AsyncRolloutConfig, DynamicSamplingConfig
+    from archer.module import ArcherModule
+    from archer.rewards import ExactMatchReward
+    from archer.rollout import VLLMEngine
+
+    module = ArcherModule(tiny_model_dir, reward=ExactMatchReward(), rollout=VLLMEngine(),
+                          async_rollout=AsyncRolloutConfig(), dynamic_sampling=DynamicSamplingConfig(refill=False))
+    module.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match=r"model.async_rollout needs an engine that serves while its weights are "
+                                         r"replaced .* VLLMEngine does not"):
+        module.setup("fit")
+    module.teardown("fit")

@@ -204,3 +204,17 @@ def test_tiny_model_help_describes_every_option(capsys):
         entry = re.search(rf"^  {re.escape(option)}\b.*(\n {{6,}}\S.*)*", listed, re.M).group(0)
         words = [w for w in entry.split() if w != option and not w.isupper()]
         assert len(words) >= 3, (option, entry)
+
+
+def test_references_are_dotted_keys_latex_is_left_alone_and_double_dollar_escapes():
+    from jsonargparse import Namespace
+
+    from archer.config_refs import resolve_references
+
+    config = Namespace(trainer=Namespace(default_root_dir="runs/x"), n=3,
+                       template="Let ${n}$ be; see ${trainer.default_root_dir}; $${trainer.default_root_dir}")
+    resolve_references(config)
+    assert config.template == "Let ${n}$ be; see runs/x; ${trainer.default_root_dir}"
+    chain = Namespace(**{f"k{i}": Namespace(v=f"${{k{i + 1}.v}}") for i in range(8)}, k8=Namespace(v="end"))
+    resolve_references(chain)  # a chain of 8 references resolves (the limit)
+    assert chain.k0.v == "end"

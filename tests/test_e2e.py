@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from archer.cli import main
-from archer.step_metrics import keys_logged_when
+from archer.step_metrics import STEP_METRICS, keys_logged_when
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
@@ -29,6 +29,8 @@ def test_quickstart_few_steps_logs_metrics_and_writes_loadable_checkpoint(tmp_pa
               "--data.train_size=256")
     missing = keys_logged_when("synchronous") - set(df.columns)  # docs/metrics.md
     assert not missing, f"metrics not logged: {missing}"
+    step_keys = {c for c in df.columns if c.split("/")[0] in ("train", "reward", "rollout", "perf", "time")}
+    assert not step_keys - set(STEP_METRICS), f"logged but not in docs/metrics.md: {step_keys - set(STEP_METRICS)}"
     train = df.dropna(subset=["train/reward_mean"])
     assert len(train) == 3
     assert train["train/pg_loss"].apply(lambda v: torch.isfinite(torch.tensor(v))).all()

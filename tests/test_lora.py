@@ -144,6 +144,9 @@ def test_config_errors_name_the_field(tiny_model_dir):
         add_lora(load_causal_lm(tiny_model_dir, "float32"), LoraConfig(target_modules=["q_proj", "lm_head"]))
     with pytest.raises(ValueError, match=r"adapts model.embed_tokens: only the decoder's linear layers"):
         add_lora(load_causal_lm(tiny_model_dir, "float32"), LoraConfig(target_modules=["embed_tokens"]))
+    # trained float32 copies of norms would feed float32 activations into a bfloat16 model's layers
+    with pytest.raises(ValueError, match=r"modules_to_save \(model.norm\) needs model.dtype: float32"):
+        add_lora(load_causal_lm(tiny_model_dir, "bfloat16"), LoraConfig(modules_to_save=["model.norm"]))
 
 
 # ------------------------------------------------------------------ one update, by hand in float64

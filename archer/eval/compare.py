@@ -146,9 +146,16 @@ def format_table(table: dict[str, Any]) -> str:
     differences against the baseline, in percent (points)."""
     benchmarks, cells = table["benchmarks"], table["cells"]
 
+    def first(benchmark: str) -> dict[str, Any]:  # the column's n and k: the first model's
+        return next(cells[m][benchmark] for m in table["models"] if benchmark in cells[m])
+
     def header_of(benchmark: str, prefix: str = "") -> list[str]:
-        some = next(cells[m][benchmark] for m in table["models"] if benchmark in cells[m])
-        return [f"{benchmark} {prefix}avg@{some['n']}", f"{benchmark} {prefix}pass@{some['k']}"]
+        return [f"{benchmark} {prefix}avg@{first(benchmark)['n']}", f"{benchmark} {prefix}pass@{first(benchmark)['k']}"]
+
+    def _other(cell: dict[str, Any], benchmark: str, figure: str) -> str:
+        """A cell whose n (or k) is not its column's says which it is (evals made separately)."""
+        name = "avg" if figure == "n" else "pass"
+        return "" if cell[figure] == first(benchmark)[figure] else f" ({name}@{cell[figure]})"
 
     header = ["model"] + [h for b in benchmarks for h in header_of(b)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -160,7 +167,8 @@ def format_table(table: dict[str, Any]) -> str:
                 row += ["–", "–"]
             else:
                 low, high = cell["ci95"]
-                row += [f"{_points(cell['avg@n'])} [{_points(low)}, {_points(high)}]", _points(cell["pass@k"])]
+                row += [f"{_points(cell['avg@n'])} [{_points(low)}, {_points(high)}]" + _other(cell, benchmark, "n"),
+                        _points(cell["pass@k"]) + _other(cell, benchmark, "k")]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "avg@n with its 95 % bootstrap interval over problems, pass@k unbiased; percent. Problems: "
               + ", ".join(f"{b} {next(cells[m][b]['num_problems'] for m in table['models'] if b in cells[m])}"
@@ -180,9 +188,10 @@ def format_table(table: dict[str, Any]) -> str:
                     row += ["not paired" if cell is not None and benchmark in table["unpaired"].get(model, {})
                             else "–"] * 2
                     continue
-                for key in ("avg@n", "pass@k"):
+                for key, figure in (("avg@n", "n"), ("pass@k", "k")):
                     low, high = delta[f"{key}_ci95"]
-                    row.append(f"{_points(delta[key], True)} [{_points(low, True)}, {_points(high, True)}]")
+                    row.append(f"{_points(delta[key], True)} [{_points(low, True)}, {_points(high, True)}]"
+                               + _other(cell, benchmark, figure))
             lines.append("| " + " | ".join(row) + " |")
     for model, benchmarks_differing in table["unpaired"].items():
         for benchmark, keys in benchmarks_differing.items():

@@ -11,12 +11,13 @@ megabyte response costs no more than a short one):
 The extracted answer and the ground truth are then compared by math-verify (LaTeX and plain
 expressions, fractions = decimals, radicals, sets, intervals, tuples, percentages, symbolic
 equality), except that single multiple-choice letters (``B``, ``(B)``, ``\\text{B}``) are compared
-as letters, and ``1,000``-style thousands separators are removed first. A reference answer of
-several comma-separated parts outside brackets (``λ = 2\\sqrt{2}, A(\\pm 1, 0)``) also needs a
-response with as many parts, each equal to a distinct part of the reference (as text or by
-math-verify, in any order), and is graded part by part: math-verify alone may read such an answer as
-one of its parts — it read
-that one, from the CNMO set, as the number 0, so that ``\\boxed{0}`` scored 1. Answers longer than
+as letters, and ``1,000``-style thousands separators are removed first. One exception to that:
+math-verify reads some answers of several labelled parts as one of them (``λ = 2\\sqrt{2}, A(\\pm 1,
+0)``, from the CNMO set, as the number 0, so that ``\\boxed{0}`` scored 1). When the reference has
+several comma-separated parts outside brackets, math-verify reads it as a single value (not a set,
+tuple or interval), and a part holds letters (labels, points), the answer is graded part by part
+instead: as many parts, each equal to a distinct part of the reference — as text, or ``label = value``
+with the same label and an equal value, or as numbers. Answers longer than
 ``max_answer_chars`` or nesting braces deeper than ``max_brace_depth`` score 0 without being
 parsed, and ``timeout_s`` bounds the rest (in the main thread; elsewhere run it under
 :class:`archer.rewards.RewardRunner`).
@@ -115,7 +116,7 @@ def _choice_letter(answer: str) -> str | None:
 
 
 _OPENERS, _CLOSERS = "([{", ")]}"
-_SET_BRACES = re.compile(r"^(?:\\left)?\\\{(.*)(?:\\right)?\\\}$|^\{(.*)\}$", re.S)
+_SET_BRACES = re.compile(r"^(?:\\left)?\\\{(.*?)(?:\\right)?\\\}$|^\{(.*)\}$", re.S)
 
 
 def top_level_parts(answer: str) -> list[str]:
@@ -139,7 +140,7 @@ def top_level_parts(answer: str) -> list[str]:
 
 
 def _parts_match(gold: list[str], predicted: list[str]) -> bool:
-    """Each gold part equals a distinct predicted part (as text without spaces, or by math-verify)."""
+    """Each gold part equals a distinct predicted part (:func:`_same_part`), in any order."""
     if len(gold) != len(predicted):
         return False
     left = list(predicted)
@@ -151,11 +152,41 @@ def _parts_match(gold: list[str], predicted: list[str]) -> bool:
     return True
 
 
+_COMMANDS = re.compile(r"\\text\{[^{}]*\}|\\[a-zA-Z]+")
+
+
+def _has_letters(part: str) -> bool:
+    """Letters outside LaTeX commands and ``\\text{}`` units: a label or a symbolic part."""
+    return re.search(r"[a-zA-Z]", _COMMANDS.sub("", part)) is not None
+
+
 def _same_part(a: str, b: str) -> bool:
-    if a.replace(" ", "") == b.replace(" ", ""):
+    """Equal as text (spaces aside); or ``label = value`` with the same label and equal values; or,
+    when neither holds letters, equal by math-verify. A part with letters is never compared by
+    math-verify alone (it may read ``A(\\pm 1, 0)`` as 0)."""
+    a, b = a.replace(" ", ""), b.replace(" ", "")
+    if a == b:
         return True
+    if a.count("=") == 1 and b.count("=") == 1:
+        (label_a, a), (label_b, b) = a.split("="), b.split("=")
+        if label_a != label_b:
+            return False
+    if _has_letters(a) or _has_letters(b):
+        return a == b
+    return _verified(a, b)
+
+
+def _verified(a: str, b: str) -> bool:
     return bool(verify(parse(f"${a}$", _EXTRACTION, parsing_timeout=None),
                        parse(f"${b}$", _EXTRACTION, parsing_timeout=None), timeout_seconds=None))
+
+
+def _read_as_one_value(parsed: list) -> bool:
+    """math-verify's reading is a single value: not a set, tuple, interval, union or list of them."""
+    import sympy
+
+    collections = (sympy.FiniteSet, sympy.Tuple, sympy.Interval, sympy.Union, sympy.Set, list, tuple, set)
+    return bool(parsed) and not isinstance(parsed[0], collections)
 
 
 @contextlib.contextmanager
@@ -209,10 +240,10 @@ def score(
         return float(gold_letter == _choice_letter(predicted))
     try:
         with _time_limit(timeout_s):
-            gold_parts = top_level_parts(gold)
-            if len(gold_parts) > 1:
-                return float(_parts_match(gold_parts, top_level_parts(predicted)))
             gold_parsed = parse(f"${gold}$", _EXTRACTION, parsing_timeout=None)
+            gold_parts = top_level_parts(gold)
+            if len(gold_parts) > 1 and _read_as_one_value(gold_parsed) and any(map(_has_letters, gold_parts)):
+                return float(_parts_match(gold_parts, top_level_parts(predicted)))
             predicted_parsed = parse(f"${predicted}$", _EXTRACTION, parsing_timeout=None)
             return float(verify(gold_parsed, predicted_parsed, timeout_seconds=None))
     except _MathTimeout:

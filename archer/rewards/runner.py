@@ -112,6 +112,9 @@ def _worker_loop(
     # `recv` from ever seeing EOF, so a worker would outlive a SIGKILLed trainer.
     parent_end.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (module docstring)
+    # SIGTERM too: SLURM and Kubernetes send it to every process of a job; the trainer finishes its step
+    # (which may need the workers) and checkpoints; the workers end when it closes their pipes.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     while True:
         try:
             responses, rows = connection.recv()
@@ -196,10 +199,19 @@ class RewardRunner:
         while pending or busy:
             for worker in self._workers:
                 if worker.unit is None and pending:
+                    if not worker.process.is_alive():  # it died while idle (the OOM killer): a new one scores
+                        worker = self._replace(worker)
                     worker.unit = pending.popleft()
                     worker.deadline = time.monotonic() + self.timeout_s * len(worker.unit)
-                    worker.connection.send(([responses[i] for i in worker.unit], [rows[i] for i in worker.unit]))
+                    try:
+                        worker.connection.send(([responses[i] for i in worker.unit], [rows[i] for i in worker.unit]))
+                    except OSError:  # it died since: its unit goes back to the queue, for a new worker
+                        pending.appendleft(worker.unit)
+                        self._replace(worker)
+                        continue
                     busy[worker.connection] = worker
+            if not busy:  # every send failed (workers that died): the new workers take the units next
+                continue
             wait_s = max(0.0, min(w.deadline for w in busy.values()) - time.monotonic())
             for connection in multiprocessing.connection.wait(list(busy), timeout=wait_s):
                 worker = busy.pop(connection)
@@ -235,9 +247,10 @@ class RewardRunner:
         bounds = [count * c // chunks for c in range(chunks + 1)]
         return [list(range(bounds[c], bounds[c + 1])) for c in range(chunks)]
 
-    def _replace(self, worker: _Worker) -> None:
+    def _replace(self, worker: _Worker) -> _Worker:
         worker.kill()
-        self._workers[self._workers.index(worker)] = _Worker(self._context, self.reward)
+        new = self._workers[self._workers.index(worker)] = _Worker(self._context, self.reward)
+        return new
 
     def close(self) -> None:
         """Stop the workers (idempotent)."""

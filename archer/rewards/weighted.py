@@ -6,8 +6,9 @@ or length term, as TRL's list of reward functions with ``reward_weights``).
     r(y, x) = \\sum_i w_i \\, r_i(y, x)
 
 for response :math:`y`, dataset row :math:`x`, rewards :math:`r_i` and weights :math:`w_i` (any
-finite number; a negative weight is a penalty). A term that raises makes the whole score an error
-(counted in ``reward/errors``, scored 0), never a sum that silently lacks a term. In YAML each term
+finite number; a negative weight is a penalty). A term that raises makes that response's score an
+error (counted in ``reward/errors``, scored 0), never a sum that silently lacks a term; in a batched
+sum, the other responses of the chunk keep their scores. In YAML each term
 is a ``[reward, weight]`` pair::
 
     reward:
@@ -56,10 +57,17 @@ class WeightedSum(BatchedReward):
                 if len(scores) != len(responses):
                     raise ValueError(f"{type(reward).__name__}.score_batch returned {len(scores)} scores for "
                                      f"{len(responses)} responses")
-            else:
-                scores = [reward(response, row) for response, row in zip(responses, rows)]
+            else:  # a per-response term that raises fails its response alone (NaN: counted as its error)
+                scores = [_or_nan(reward, response, row) for response, row in zip(responses, rows)]
             totals = [total + weight * float(score) for total, score in zip(totals, scores)]
         return totals
 
     def __call__(self, response: str, row: dict) -> float:
         return sum(weight * float(reward(response, row)) for reward, weight in self.terms)
+
+
+def _or_nan(reward: Reward, response: str, row: dict) -> float:
+    try:
+        return float(reward(response, row))
+    except Exception:  # noqa: BLE001 - the runner counts the NaN as this response's error
+        return math.nan

@@ -7,6 +7,9 @@ An engine is anything with ``setup``, ``generate`` and ``load_weights``. Optiona
 * ``version`` (an engine that holds its own copy of the weights): the number of ``load_weights``
   calls since ``setup``; its completions then carry the version that sampled them, which the
   trainer checks (:mod:`archer.weight_check`);
+* the class attribute ``serves_during_sync`` (default False): ``generate`` may run on another thread
+  while ``load_weights`` runs, each sample reporting its version — what asynchronous rollouts need
+  (``RemoteVLLMEngine``);
 * ``endpoint``: what a rollout waits on (servers' URLs, worker pids), named in the watchdog's
   messages (:mod:`archer.watchdog`);
 * ``close()`` releases what the engine holds (a loaded model, vLLM's engine, worker processes,

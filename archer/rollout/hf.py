@@ -38,11 +38,11 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from archer import watchdog
+from archer.models import DTYPES
 from archer.rollout.base import Completion, SamplingConfig
 
 __all__ = ["HFEngine"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class HFEngine:
@@ -67,8 +67,8 @@ class HFEngine:
     ) -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"HFEngine batch_size must be >= 1 or None, got {batch_size}")
-        if dtype != "auto" and dtype not in _DTYPES:
-            raise ValueError(f"HFEngine dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+        if dtype != "auto" and dtype not in DTYPES:
+            raise ValueError(f"HFEngine dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
         self.batch_size = batch_size
         self.dtype = dtype
         self.actor: nn.Module | None = None
@@ -82,7 +82,7 @@ class HFEngine:
             raise ValueError(f"tokenizer from {model_path!r} has no eos_token_id; HFEngine needs one to stop")
         if actor is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            dtype = _DTYPES.get(self.dtype, torch.bfloat16 if device == "cuda" else torch.float32)
+            dtype = DTYPES.get(self.dtype, torch.bfloat16 if device == "cuda" else torch.float32)
             actor = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
         self.actor = actor
         self.eos_token_id = tokenizer.eos_token_id

@@ -51,7 +51,9 @@ def test_math_grader_takes_each_reference_answer_and_refuses_a_nearby_wrong_one(
                 accepted_wrong.add((name, row["id"]))
     assert accepted_wrong == set()
     name, index = MULTI_PART
-    assert datasets[name].reward("\\boxed{0}", datasets[name].rows[index]) == 0.0
+    row = datasets[name].rows[index]
+    for wrong in ("0", r"\lambda=2\sqrt{2}, 0", r"\lambda=2\sqrt{2}, A(\pm 5, 0)"):  # math-verify alone took these
+        assert datasets[name].reward(f"\\boxed{{{wrong}}}", row) == 0.0, wrong
 
 
 @pytest.mark.slow

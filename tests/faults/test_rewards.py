@@ -33,3 +33,24 @@ def test_a_killed_or_silent_worker_scores_zero_is_counted_and_replaced():
     assert result.scores == [0.5, 0.0, 0.0, 1.0]
     assert (result.num_errors, result.num_timeouts) == (1, 1)
     assert "was killed by SIGKILL (the kernel's out-of-memory killer sends it) on item 1" in result.errors[0]
+
+
+def test_a_worker_killed_while_idle_is_replaced_before_the_next_batch():
+    """The out-of-memory killer (or SLURM's SIGKILL to the job's processes) can hit a worker between
+    batches: the next batch is scored by a new worker, not stopped by a broken pipe."""
+    with RewardRunner(_Faulty(), timeout_s=5.0, num_workers=2) as runner:
+        idle = runner._workers[0].process
+        os.kill(idle.pid, signal.SIGKILL)
+        idle.join(timeout=5)
+        result = runner.score(["0.5", "1.0", "0.25"], [{}] * 3)
+        assert idle.pid not in {worker.process.pid for worker in runner._workers}
+    assert result.scores == [0.5, 1.0, 0.25] and result.num_errors == 0
+
+
+def test_workers_ignore_sigterm_so_the_trainer_can_finish_its_step():
+    with RewardRunner(_Faulty(), timeout_s=5.0, num_workers=1) as runner:
+        worker = runner._workers[0].process
+        os.kill(worker.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        assert worker.is_alive()
+        assert runner.score(["0.5"], [{}]).scores == [0.5]

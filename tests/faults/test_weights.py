@@ -64,6 +64,21 @@ def test_the_limit_by_dtype_and_the_jump_rule_by_hand():
     assert not is_jump(5e-7, [1e-8] * 3, factor=10, floor=1e-3)  # 50× a tiny median, but rounding noise
 
 
+def test_a_sample_without_a_version_from_an_engine_that_counts_them_is_stale():
+    """A server restarted from its checkpoint labels its samples "default" (no version): not known to hold
+    the synced weights."""
+    check = _check()
+    check.versions(_scored([0, 0]), step=0, n=2)
+    with pytest.raises(StaleWeightsError, match=r"weight version \['unlabelled'\]"):
+        check.versions(_scored([None, None]), step=0, n=2)
+
+
+def test_the_canary_is_off_when_sampling_truncates_the_distribution():
+    check = WeightCheck(WeightCheckConfig(), _Engine(0), asynchronous=False, trainer_dtype="float32",
+                        checkpoint_dtype="float32", collectives=Collectives(), truncated_sampling=True)
+    check.canary(0.5, step=0)  # μ of a top-p distribution, π_old of the full one: not a stale engine
+
+
 def test_synchronous_samples_must_carry_the_last_syncs_version():
     engine = _Engine(0)
     check = _check(engine=engine)
@@ -102,8 +117,13 @@ def test_the_canary_stops_a_gap_above_the_limit_or_a_jump():
     bf16 = _check(max_gap=0.1, jump_factor=5)
     for gap in (0.01, 0.012, 0.011):
         bf16.canary(gap, step=0)
-    with pytest.raises(StaleWeightsError, match=r"by 0.09 per token .* 8× the median of the previous 3 steps"):
-        bf16.canary(0.09, step=5)  # below the limit 0.1, but 0.09 / median 0.011 = 8.2 > 5
+    bf16.canary(0.09, step=5)  # below the limit 0.1, but 0.09 / median 0.011 = 8.2 > 5: one spike is tolerated
+    with pytest.raises(StaleWeightsError, match=r"by 0.08 per token .* 7× the median of the previous 4 steps .* for a "
+                                                r"second step in a row"):
+        bf16.canary(0.08, step=6)  # 0.08 / median 0.0115 = 7 > 5 again: stopped
+    spiky = _check(max_gap=0.1, jump_factor=5)
+    for gap in (0.01, 0.012, 0.011, 0.09, 0.011, 0.09):  # spikes apart from each other run on
+        spiky.canary(gap, step=0)
     with pytest.raises(StaleWeightsError):
         _check().canary(math.nan, step=1)
 

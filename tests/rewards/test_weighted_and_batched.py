@@ -66,6 +66,25 @@ def test_weighted_sum_with_a_batched_term_is_batched_and_sums_by_hand():
     assert reward("aa", {}) == 4.0 + 0.5  # one response: a chunk of one
 
 
+class RaisesOn:
+    """Per item: raises on ``bad``, else 1."""
+
+    def __init__(self, bad: str = "bad") -> None:
+        self.bad = bad
+
+    def __call__(self, response: str, row: dict) -> float:
+        if response == self.bad:
+            raise KeyError("row['answer']")
+        return 1.0
+
+
+def test_a_per_item_term_that_raises_in_a_batched_sum_fails_only_its_response():
+    reward = WeightedSum([(RaisesOn(), 1.0), (ChunkProbe(), 1.0)])
+    with RewardRunner(reward, timeout_s=5.0, num_workers=1) as runner:  # one worker: one chunk of 3
+        result = runner.score(["ok", "bad", "ok"], [{}] * 3)
+    assert result.scores == [1.0 + 3.0, 0.0, 1.0 + 3.0] and result.num_errors == 1
+
+
 def test_weighted_sum_refuses_bad_terms():
     with pytest.raises(ValueError, match="at least one"):
         WeightedSum([])

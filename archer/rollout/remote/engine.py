@@ -111,6 +111,10 @@ class RemoteVLLMEngine:
     logprobs_match_trainer = False
     """The servers' kernels (and dtype) differ from the trainer's: their log-probs are μ's."""
 
+    serves_during_sync = True
+    """``generate`` may run on another thread while ``load_weights`` runs (requests wait out the pause),
+    and each sample reports the weight version that drew it: what asynchronous rollouts need."""
+
     request_timeout_s = _FleetTimeout()
     sync_timeout_s = _FleetTimeout()
     startup_timeout_s = _FleetTimeout()

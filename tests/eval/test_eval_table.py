@@ -127,3 +127,16 @@ def test_models_are_named_by_folder_or_given_names():
 def test_a_folder_that_is_no_finished_eval_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a finished eval of archer eval"):
         write_table({"a": tmp_path}, tmp_path / "table")
+
+
+def test_a_cell_whose_n_or_k_is_not_its_columns_says_which_it_is():
+    """Evals made separately (write_table over folders): the columns are the first model's avg@n and
+    pass@k; another model's cell at another n or k is labelled, not shown as the column's figure."""
+    from archer.eval.compare import format_table
+
+    cell = lambda n, k: {"n": n, "k": k, "num_problems": 2, "avg@n": 0.5, "ci95": [0.25, 0.75], "pass@k": 0.5}
+    table = {"models": ["base", "other"], "benchmarks": ["aime"], "baseline": "base", "unpaired": {}, "builtin": {},
+             "cells": {"base": {"aime": cell(8, 8)}, "other": {"aime": {**cell(4, 4), "delta": None}}}}
+    text = format_table(table)
+    assert "| model | aime avg@8 | aime pass@8 |" in text
+    assert "| other | 50.0 [25.0, 75.0] (avg@4) | 50.0 (pass@4) |" in text
