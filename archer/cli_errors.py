@@ -11,7 +11,9 @@ shows the traceback of every failure.
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
+import inspect
 import os
 import re
 
@@ -49,6 +51,17 @@ def _import_hint(reason: str, class_path: str) -> str:
             f"run it where {missing.group(1)}.py is, or add its folder to PYTHONPATH)")
 
 
+def _arguments_of(class_path: str) -> str:
+    """`` (its arguments: a, b, ...)`` for an importable class, else nothing."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return ""
+    names = [p for p, v in parameters.items() if v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)]
+    return f" (its arguments: {', '.join(names)})" if names else " (it takes no arguments)"
+
+
 def parser_error_line(message: str) -> str:
     """jsonargparse's (multi-line) parse error as one line: the key, and for a class path that does not
     import, the path and why (its other lines list every type of a union the value did not match)."""
@@ -57,6 +70,9 @@ def parser_error_line(message: str) -> str:
     problem = re.search(r"Problem with given class_path '([^']+)':\s*\n\s*(.+)", message)
     if problem:
         class_path, reason = problem.group(1), problem.group(2).strip()
+        unknown = re.match(r"Option '([^']+)' is not accepted", reason)
+        if unknown:  # the class imported; one of its arguments is misspelt or not its own
+            return f"{prefix}{class_path} has no argument {unknown.group(1)!r}{_arguments_of(class_path)}"
         return f"{prefix}class_path {class_path!r} does not import: {reason}{_import_hint(reason, class_path)}"
     lines = [re.sub(r'^Parser key "[^"]+":\s*', "", line.strip()).lstrip("- ") for line in message.splitlines()]
     lines = [line for line in lines if line and not _NOISE.match(line)]

@@ -59,6 +59,12 @@ class CompletionLogger(L.Callback):
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
+        self._log_dir: Path | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # On every rank: ``trainer.log_dir`` is a broadcast, which rank 0 alone (in ``_write``) would
+        # wait on forever.
+        self._log_dir = Path(trainer.log_dir if trainer.log_dir is not None else trainer.default_root_dir)
 
     def on_rollout_end(self, trainer: L.Trainer, pl_module: L.LightningModule, rollout: RolloutView) -> None:
         if rollout.step % self.every_n_steps:
@@ -77,7 +83,7 @@ class CompletionLogger(L.Callback):
                 logger.log_table(key="completions", columns=list(COLUMNS), data=rows, step=step)
             elif isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text("completions", markdown_table(COLUMNS, rows), global_step=step)
-        log_dir = Path(trainer.log_dir if trainer.log_dir is not None else trainer.default_root_dir)
+        log_dir = self._log_dir or Path(trainer.default_root_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         with open(log_dir / FILE_NAME, "a", encoding="utf-8") as file:
             for row in rows:

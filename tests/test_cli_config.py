@@ -82,6 +82,12 @@ def test_a_class_path_that_does_not_import_stops_in_one_line(tmp_path, tiny_mode
     assert str(tmp_path) in message and "PYTHONPATH" in message  # where it looked, and how to look elsewhere
 
 
+def test_a_misspelt_argument_of_a_class_names_the_class_and_its_arguments(tiny_model_dir, capsys):
+    """The class imports; its argument is what is wrong (jsonargparse words it as an import problem)."""
+    message = _error(capsys, "fit", "--config", QUICKSTART, "--model.loss.rhoo=0.7", f"--model.model_path={tiny_model_dir}")
+    assert "model.loss: archer.losses.ArcherLoss has no argument 'rhoo' (its arguments: rho, knowledge_clip," in message
+    assert "does not import" not in message
+
 # -------------------------------------------------------------------------- 2. callbacks per item
 def test_a_callback_list_given_again_keeps_each_items_own_defaults(tmp_path, tiny_model_dir, capsys, monkeypatch):
     """A second config's list puts SampleLogger (every_n_steps default 1) where the quickstart has

@@ -22,21 +22,26 @@ non-finite score is still an error of its response only).
 On the training thread, scoring is the watchdog's ``reward`` phase (:mod:`archer.watchdog`), whose
 deadline bounds a batch whatever its size (each call is bounded by ``timeout_s`` already).
 
-Workers ignore Ctrl-C (SIGINT reaches the whole process group): the parent decides what an
-interrupt stops, and kills them in :meth:`RewardRunner.close`.
+Workers ignore Ctrl-C (SIGINT reaches the whole process group) and SIGTERM (a scheduler's preemption
+signal reaches every process of the job): the parent decides what an interrupt stops, and kills them
+in :meth:`RewardRunner.close` or, on a path that never closed the runner (an error, an interrupt),
+when the interpreter exits: multiprocessing's own exit handler would SIGTERM them and wait forever.
 """
 
 from __future__ import annotations
 
+import atexit
 import math
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.util  # registers multiprocessing's exit handler before ours (atexit runs LIFO)
 import signal
 import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
+from weakref import WeakSet
 
 from archer import watchdog
 from archer.rewards.base import Reward, is_batched
@@ -136,6 +141,7 @@ class _Worker:
         self.connection, child_end = context.Pipe()
         self.process = context.Process(target=_worker_loop, args=(reward, child_end, self.connection), daemon=True)
         self.process.start()
+        _LIVE_WORKERS.add(self)
         child_end.close()
         self.unit: list[int] | None = None
         """The indices of the responses it is scoring (one, or a batched reward's chunk)."""
@@ -145,6 +151,19 @@ class _Worker:
         self.process.kill()
         self.process.join()
         self.connection.close()
+        _LIVE_WORKERS.discard(self)
+
+
+_LIVE_WORKERS: WeakSet[_Worker] = WeakSet()
+"""Workers not killed yet, of every runner of this process."""
+
+
+@atexit.register
+def _kill_live_workers() -> None:
+    # Runs before multiprocessing's exit handler, which SIGTERMs daemonic children (ignored by these)
+    # and joins them without a timeout.
+    for worker in list(_LIVE_WORKERS):
+        worker.kill()
 
 
 class RewardRunner:

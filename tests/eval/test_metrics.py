@@ -107,8 +107,8 @@ def _sync_run(rank: int, world_size: int, port: int, correct: torch.Tensor, k: i
         dist.destroy_process_group()
 
 
-def _child(port: int, correct: torch.Tensor, k: int, out_file: str) -> None:
-    torch.save(_sync_run(1, 2, port, correct, k), out_file)
+def _child(rank: int, port: int, correct: torch.Tensor, k: int, out_file: str) -> None:
+    torch.save(_sync_run(rank, 2, port, correct, k), out_file)
 
 
 @pytest.mark.distributed
@@ -122,17 +122,19 @@ def test_two_process_sync_equals_single_process(tmp_path) -> None:
     single_avg.update(correct)
     assert single.compute().item() == pytest.approx(reference_pass_at_k(correct, k), rel=1e-12)
 
-    # Rank 0 runs here and only rank 1 is spawned: a spawned process re-imports torchmetrics (which
-    # imports transformers), most of this test's time on 2 cores.
-    port, out_file = _free_port(), tmp_path / "rank1.pt"
-    child = mp.get_context("spawn").Process(target=_child, args=(port, correct, k, str(out_file)))
-    child.start()
-    try:
-        results = {0: _sync_run(0, 2, port, correct, k)}
-    finally:
-        child.join(timeout=120)
-    assert child.exitcode == 0
-    results[1] = torch.load(out_file)
+    # Both ranks in spawned processes: this one may hold a default process group already (an
+    # in-process vLLM engine of an earlier test initialises one and leaves it).
+    port = _free_port()
+    children = [mp.get_context("spawn").Process(target=_child, args=(rank, port, correct, k, str(tmp_path / f"rank{rank}.pt")))
+                for rank in (0, 1)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(timeout=180)
+    results = {}
+    for rank, child in enumerate(children):
+        assert child.exitcode == 0, rank
+        results[rank] = torch.load(tmp_path / f"rank{rank}.pt")
     for rank in (0, 1):
         pass_value, avg_value = results[rank]
         assert pass_value == pytest.approx(single.compute().item(), rel=1e-12), rank

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 from archer.rewards import RewardRunner
@@ -50,7 +52,19 @@ def test_a_worker_killed_while_idle_is_replaced_before_the_next_batch():
 def test_workers_ignore_sigterm_so_the_trainer_can_finish_its_step():
     with RewardRunner(_Faulty(), timeout_s=5.0, num_workers=1) as runner:
         worker = runner._workers[0].process
+        assert runner.score(["0.25"], [{}]).scores == [0.25]  # its loop runs: its signal handlers are set
         os.kill(worker.pid, signal.SIGTERM)
         time.sleep(0.5)
         assert worker.is_alive()
         assert runner.score(["0.5"], [{}]).scores == [0.5]
+
+
+def test_a_process_that_never_closed_its_runner_still_exits():
+    """An error or an interrupt can end the trainer without ``close()``: at exit multiprocessing would
+    SIGTERM the (daemonic) workers, which ignore it, and wait for them forever; archer kills them first."""
+    code = ("from archer.rewards import RewardRunner\n"
+            "runner = RewardRunner(lambda response, row: 1.0, num_workers=2)\n"
+            "assert runner.score(['a'], [{}]).scores == [1.0]\n"
+            "print('scored', flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "scored" in done.stdout, done.stderr
