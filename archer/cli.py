@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as error:
         if verbose:
             raise
-        traceback_hint = "" if isinstance(error, ArgumentError) else f"  (traceback: {_save_traceback(error)})"
+        traceback_hint = "" if isinstance(error, ArgumentError) else _traceback_hint(error)
         raise SystemExit(describe(error, command) + traceback_hint) from error
     finally:
         if added and cwd in sys.path:
@@ -261,16 +261,19 @@ def main(argv: list[str] | None = None) -> None:
             os.environ.pop(VERBOSE, None)
 
 
-def _save_traceback(error: BaseException) -> str:
-    """Write ``error``'s traceback to a file and return its path: the one-line message stays short, and
-    an error raised hours into a run (which may be a bug, not a mistake) keeps its traceback without a
-    rerun with ``--verbose``."""
+def _traceback_hint(error: BaseException) -> str:
+    """Write ``error``'s traceback to a file and name it: the one-line message stays short, and an error
+    raised hours into a run (which may be a bug, not a mistake) keeps its traceback without a rerun with
+    ``--verbose``. Where the file cannot be written (the error may be a full disk), say how to see it."""
     import tempfile
     import traceback
 
-    with tempfile.NamedTemporaryFile("w", prefix="archer-error-", suffix=".log", delete=False) as file:
-        file.write("".join(traceback.format_exception(error)))
-    return file.name
+    try:
+        with tempfile.NamedTemporaryFile("w", prefix="archer-error-", suffix=".log", delete=False) as file:
+            file.write("".join(traceback.format_exception(error)))
+    except OSError:
+        return "  (--verbose shows the traceback)"
+    return f"  (traceback: {file.name})"
 
 
 if __name__ == "__main__":

@@ -59,6 +59,8 @@ def _arguments_of(class_path: str) -> str:
     except (ImportError, AttributeError, TypeError, ValueError):
         return ""
     names = [p for p, v in parameters.items() if v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)]
+    if any(v.kind == v.VAR_KEYWORD for v in parameters.values()):
+        names.append("**kwargs")
     return f" (its arguments: {', '.join(names)})" if names else " (it takes no arguments)"
 
 

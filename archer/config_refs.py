@@ -30,6 +30,9 @@ __all__ = ["REFERENCE", "resolve_references"]
 REFERENCE = re.compile(r"(?<!\$)\$\{([A-Za-z_]\w*(?:\.\w+)+)\}")
 """``${dotted.key}`` (at least one dot), not preceded by another ``$`` (the escape)."""
 
+_ESCAPED = re.compile(r"\$(\$\{[A-Za-z_]\w*(?:\.\w+)+\})")
+"""``$${dotted.key}``: a literal ``${dotted.key}`` (any other ``$${`` — LaTeX's ``$${x}^2$$`` — stays as written)."""
+
 _MAX_DEPTH = 8
 """References resolved through others (``${a}`` where ``a`` is ``${b}/x``) before a cycle is assumed."""
 
@@ -47,7 +50,7 @@ def _lookup(config: Namespace, key: str, where: str) -> str:
 def _resolve_text(text: str, config: Namespace, where: str) -> str:
     for _ in range(_MAX_DEPTH + 1):  # a chain of _MAX_DEPTH references resolves
         if not REFERENCE.search(text):
-            return text.replace("$${", "${")
+            return _ESCAPED.sub(r"\1", text)
         text = REFERENCE.sub(lambda match: _lookup(config, match.group(1), where), text)
     raise ValueError(f"{where}: references nest deeper than {_MAX_DEPTH} levels (a cycle?): {text!r}")
 

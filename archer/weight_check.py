@@ -83,7 +83,8 @@ class WeightCheck:
         engine: The rollout engine (its ``version``, when it counts them, and its ``endpoint``).
         asynchronous: Rollouts come from the asynchronous producer.
         trainer_dtype: The dtype the trainer computes log-probs in.
-        checkpoint_dtype: The checkpoint's dtype as saved (what a vLLM engine with ``dtype: auto`` loads).
+        checkpoint_dtype: The checkpoint's dtype as saved (what a vLLM engine with ``dtype: auto`` loads,
+            but float32, which vLLM runs in bfloat16 where supported).
         collectives: Over the ranks: a stale sample on any rank stops every rank.
         truncated_sampling: Training samples with top-p < 1 or top-k: the engine's μ is of the truncated,
             renormalised distribution and π_old of the full one, so their gap is not a sign of stale
@@ -113,7 +114,12 @@ class WeightCheck:
         servers = getattr(self.engine, "servers", None) or []  # RemoteVLLMEngine: what each server runs
         if servers:
             return {str(server.dtype).removeprefix("torch.") for server in servers}
-        dtype = getattr(self.engine, "dtype", "auto")
+        loaded = getattr(self.engine, "loaded_dtype", None)  # VLLMEngine after its setup: what vLLM runs
+        if loaded is not None:
+            return {loaded}
+        dtype = getattr(self.engine, "dtype", None)
+        if dtype == "auto" and self.checkpoint_dtype == "float32":  # vLLM may run it in bfloat16 (where supported)
+            return {"float32", "bfloat16"}
         return {dtype if isinstance(dtype, str) and dtype != "auto" else self.checkpoint_dtype}
 
     @property
@@ -144,10 +150,12 @@ class WeightCheck:
         wrong = torch.tensor([v is None or v != expected for v in versions])
         if self._stale_anywhere(int(wrong.sum())):
             found = sorted({v for v in known if v != expected}) + (["unlabelled"] if None in versions else [])
+            cause = ("the engine labelled samples with no weight version (a server restarted from its checkpoint, "
+                     "or a vLLM that reports no weight_versions)" if None in versions and not known else
+                     "a weight sync was missed (is archer.callbacks.WeightSyncCallback in trainer.callbacks?)")
             raise StaleWeightsError(
                 f"step {step}: samples were drawn by weight version {found or '(on another rank)'} of "
-                f"{self.engine_name}, but the trainer synced version {expected} after step {step - 1}: a weight sync "
-                "was missed (is archer.callbacks.WeightSyncCallback in trainer.callbacks?); "
+                f"{self.engine_name}, but the trainer synced version {expected} after step {step - 1}: {cause}; "
                 "model.weight_check.on_stale: drop trains on without them")
         if not wrong.any():
             return VersionReport(oldest, 0)
@@ -163,6 +171,7 @@ class WeightCheck:
     def canary(self, gap: float | None, step: int) -> None:
         """Stop the run when this step's canary gap (the same on every rank) is too large or jumped."""
         if gap is None or not self.config.canary or self.truncated_sampling:
+            self._jumped = False  # "two steps in a row" means two consecutive checked steps
             return
         floor = self.limit / self.config.jump_factor
         why = None

@@ -218,9 +218,9 @@ def test_references_are_dotted_keys_latex_is_left_alone_and_double_dollar_escape
     from archer.config_refs import resolve_references
 
     config = Namespace(trainer=Namespace(default_root_dir="runs/x"), n=3,
-                       template="Let ${n}$ be; see ${trainer.default_root_dir}; $${trainer.default_root_dir}")
+                       template="Let ${n}$ be; see ${trainer.default_root_dir}; $${trainer.default_root_dir}; $${x}^2$$")
     resolve_references(config)
-    assert config.template == "Let ${n}$ be; see runs/x; ${trainer.default_root_dir}"
+    assert config.template == "Let ${n}$ be; see runs/x; ${trainer.default_root_dir}; $${x}^2$$"
     chain = Namespace(**{f"k{i}": Namespace(v=f"${{k{i + 1}.v}}") for i in range(8)}, k8=Namespace(v="end"))
     resolve_references(chain)  # a chain of 8 references resolves (the limit)
     assert chain.k0.v == "end"

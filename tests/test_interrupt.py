@@ -15,8 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def _interrupt(argv: list[str], cwd: Path, ready: str) -> tuple[int, str]:
     """Run ``archer ARGV``, send SIGINT to its process group after a stderr/stdout line containing
     ``ready``; its exit code and everything it wrote."""
+    # SIGINT as a terminal leaves it: a runner started in the background by a non-interactive shell
+    # (`nohup ... &`) passes SIGINT on ignored, and Python then installs no KeyboardInterrupt handler.
     process = subprocess.Popen([sys.executable, "-m", "archer.cli", *argv], cwd=cwd, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in process.stdout:
         seen.append(line)

@@ -147,6 +147,12 @@ def test_config_errors_name_the_field(tiny_model_dir):
     # trained float32 copies of norms would feed float32 activations into a bfloat16 model's layers
     with pytest.raises(ValueError, match=r"modules_to_save \(model.norm\) needs model.dtype: float32"):
         add_lora(load_causal_lm(tiny_model_dir, "bfloat16"), LoraConfig(modules_to_save=["model.norm"]))
+    # GPT-2's Conv1D stores W as [in, out]: the merge for the engines assumes [out, in]
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=8, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match=r"adapts transformer.h.0.attn.c_attn, a Conv1D-style layer \(fan_in_fan_out\)"):
+        add_lora(gpt2, LoraConfig(target_modules=["c_attn"]))
 
 
 # ------------------------------------------------------------------ one update, by hand in float64

@@ -36,7 +36,8 @@ class BatchedReward:
     """Whether the runner calls :meth:`score_batch` (a subclass that wraps others may decide per instance)."""
 
     def score_batch(self, responses: list[str], rows: list[dict]) -> list[float]:
-        """One score per response, in order (``len(responses) == len(rows)``)."""
+        """One score per response, in order (``len(responses) == len(rows)``); an exception in a
+        score's place fails that response alone (the runner counts and reports it)."""
         raise NotImplementedError(f"{type(self).__name__} must implement score_batch(responses, rows)")
 
     def __call__(self, response: str, row: dict) -> float:

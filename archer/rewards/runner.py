@@ -41,7 +41,6 @@ import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
-from weakref import WeakSet
 
 from archer import watchdog
 from archer.rewards.base import Reward, is_batched
@@ -101,6 +100,9 @@ def _score_items(reward: Reward, responses: list[str], rows: list[dict]) -> list
         return [(False, _error_message(error))] * len(responses)
     results: list[tuple[bool, float | str]] = []
     for value in values:
+        if isinstance(value, Exception):  # a batched reward's failure of this response alone
+            results.append((False, f"{type(value).__name__}: {value}"))
+            continue
         try:
             results.append((True, _as_score(value)))
         except ValueError as error:
@@ -138,6 +140,8 @@ def _how_it_ended(exitcode: int | None) -> str:
 
 class _Worker:
     def __init__(self, context: multiprocessing.context.BaseContext, reward: Reward) -> None:
+        if _exiting:  # a replacement asked for while the interpreter exits (a producer thread still scoring)
+            raise RuntimeError("reward worker not started: the process is exiting")
         self.connection, child_end = context.Pipe()
         self.process = context.Process(target=_worker_loop, args=(reward, child_end, self.connection), daemon=True)
         self.process.start()
@@ -154,14 +158,18 @@ class _Worker:
         _LIVE_WORKERS.discard(self)
 
 
-_LIVE_WORKERS: WeakSet[_Worker] = WeakSet()
-"""Workers not killed yet, of every runner of this process."""
+_LIVE_WORKERS: set[_Worker] = set()
+"""Workers not killed yet, of every runner of this process (held strongly: a runner dropped while its
+worker is stuck in a reward call still leaves a worker to kill)."""
+_exiting = False
 
 
 @atexit.register
 def _kill_live_workers() -> None:
     # Runs before multiprocessing's exit handler, which SIGTERMs daemonic children (ignored by these)
-    # and joins them without a timeout.
+    # and joins them without a timeout. No worker starts after this.
+    global _exiting
+    _exiting = True
     for worker in list(_LIVE_WORKERS):
         worker.kill()
 

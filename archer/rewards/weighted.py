@@ -57,17 +57,18 @@ class WeightedSum(BatchedReward):
                 if len(scores) != len(responses):
                     raise ValueError(f"{type(reward).__name__}.score_batch returned {len(scores)} scores for "
                                      f"{len(responses)} responses")
-            else:  # a per-response term that raises fails its response alone (NaN: counted as its error)
-                scores = [_or_nan(reward, response, row) for response, row in zip(responses, rows)]
-            totals = [total + weight * float(score) for total, score in zip(totals, scores)]
+            else:  # a per-response term that raises fails its response alone, with its own error
+                scores = [_or_error(reward, response, row) for response, row in zip(responses, rows)]
+            totals = [total if isinstance(total, Exception) else score if isinstance(score, Exception)
+                      else total + weight * float(score) for total, score in zip(totals, scores)]
         return totals
 
     def __call__(self, response: str, row: dict) -> float:
         return sum(weight * float(reward(response, row)) for reward, weight in self.terms)
 
 
-def _or_nan(reward: Reward, response: str, row: dict) -> float:
+def _or_error(reward: Reward, response: str, row: dict) -> float | Exception:
     try:
         return float(reward(response, row))
-    except Exception:  # noqa: BLE001 - the runner counts the NaN as this response's error
-        return math.nan
+    except Exception as error:  # noqa: BLE001 - returned in the score's place: the runner reports it
+        return error

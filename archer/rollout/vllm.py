@@ -260,6 +260,12 @@ class VLLMEngine:
             or bool(os.environ.get("VLLM_CPU_KVCACHE_SPACE"))
         )
 
+    @property
+    def loaded_dtype(self) -> str | None:
+        """The dtype vLLM runs the model in, after :meth:`setup` (``dtype: auto`` turns a float32
+        checkpoint into bfloat16 where the hardware supports it); None before."""
+        return None if self.llm is None else str(self.llm.model_config.dtype).removeprefix("torch.")
+
     def close(self) -> None:
         """Drop vLLM's engine (its weights and KV cache are freed with it); idempotent."""
         self.llm = None

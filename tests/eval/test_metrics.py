@@ -131,6 +131,10 @@ def test_two_process_sync_equals_single_process(tmp_path) -> None:
         child.start()
     for child in children:
         child.join(timeout=180)
+    for child in children:  # a hung rank must not keep pytest from exiting (spawned children are not daemons)
+        if child.is_alive():
+            child.kill()
+            child.join()
     results = {}
     for rank, child in enumerate(children):
         assert child.exitcode == 0, rank

@@ -73,6 +73,38 @@ def test_a_sample_without_a_version_from_an_engine_that_counts_them_is_stale():
         check.versions(_scored([None, None]), step=0, n=2)
 
 
+class _ConfiguredEngine(_Engine):
+    """An engine's settings as the canary reads them: ``dtype`` as configured, ``loaded_dtype`` once set up."""
+
+    def __init__(self, dtype: str, loaded_dtype: str | None = None) -> None:
+        super().__init__(0)
+        self.dtype, self.loaded_dtype = dtype, loaded_dtype
+
+
+def test_the_limit_follows_the_dtype_the_engine_runs():
+    """vLLM's ``dtype: auto`` runs a float32 checkpoint in bfloat16 where supported: before its setup the
+    limit assumes it may; after, the dtype vLLM reports decides."""
+    assert _check(engine=_ConfiguredEngine("auto")).limit == 0.1
+    assert _check(engine=_ConfiguredEngine("auto", loaded_dtype="float32")).limit == 0.01
+    assert _check(engine=_ConfiguredEngine("auto", loaded_dtype="bfloat16")).limit == 0.1
+    assert _check(engine=_ConfiguredEngine("float32")).limit == 0.01
+
+
+def test_unlabelled_samples_name_their_cause():
+    check = _check()
+    check.versions(_scored([0, 0]), step=0, n=2)
+    with pytest.raises(StaleWeightsError, match=r"labelled samples with no weight version \(a server restarted"):
+        check.versions(_scored([None, None]), step=1, n=2)
+
+
+def test_two_jumps_with_an_unchecked_step_between_are_not_in_a_row():
+    check = _check(max_gap=0.1, jump_factor=5)
+    for gap in (0.01, 0.012, 0.011, 0.09):
+        check.canary(gap, step=0)
+    check.canary(None, step=1)  # no canary gap this step (e.g. no fresh sample)
+    check.canary(0.09, step=2)  # a jump again, but not on the next checked step: runs on
+
+
 def test_the_canary_is_off_when_sampling_truncates_the_distribution():
     check = WeightCheck(WeightCheckConfig(), _Engine(0), asynchronous=False, trainer_dtype="float32",
                         checkpoint_dtype="float32", collectives=Collectives(), truncated_sampling=True)

@@ -83,6 +83,7 @@ def test_a_per_item_term_that_raises_in_a_batched_sum_fails_only_its_response():
     with RewardRunner(reward, timeout_s=5.0, num_workers=1) as runner:  # one worker: one chunk of 3
         result = runner.score(["ok", "bad", "ok"], [{}] * 3)
     assert result.scores == [1.0 + 3.0, 0.0, 1.0 + 3.0] and result.num_errors == 1
+    assert result.errors[0].endswith("item 1: KeyError: \"row['answer']\"")  # the term's own error, not a NaN
 
 
 def test_weighted_sum_refuses_bad_terms():
