@@ -12,14 +12,12 @@
 
 from __future__ import annotations
 
-import json
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from fault_probe import CHILD_ENV, report_detection
 from harness import ROOT, args, override_file, run_subprocess
+from stand_in_http import stand_in_http
 
 pytestmark = [pytest.mark.slow]
 
@@ -86,25 +84,8 @@ def stand_in_server(tiny_model_dir):
         "/reset_prefix_cache": {"success": True},
     }
 
-    class Handler(BaseHTTPRequestHandler):
-        def _answer(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            body = json.dumps(answers.get(self.path.split("?")[0], {})).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        do_GET = do_POST = _answer
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with stand_in_http(lambda method, path: answers.get(path, {})) as url:
+        yield url
 
 
 @pytest.mark.distributed

@@ -4,16 +4,15 @@ sync resuming the servers before it drains the caller's tensors."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import threading
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from stand_in_http import stand_in_http
 
 import archer.rollout.remote.files as files
 from archer.rollout.remote import WeightSyncError, sweep_stale_weight_dirs
@@ -29,28 +28,12 @@ def stand_in():
     """A local HTTP server answering ``{}`` to everything; ``log`` lists "METHOD /path" in order."""
     log: list[str] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def _answer(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            self.rfile.read(length)
-            log.append(f"{self.command} {self.path.split('?')[0]}")
-            body = json.dumps({}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def answer(method: str, path: str) -> dict:
+        log.append(f"{method} {path}")
+        return {}
 
-        do_GET = do_POST = _answer
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", log
-    server.shutdown()
-    server.server_close()
+    with stand_in_http(answer) as url:
+        yield url, log
 
 
 def _proxy_everything(monkeypatch) -> None:
