@@ -39,6 +39,10 @@ _PROBE = {"token_ids": [0], "sampling_params": {"max_tokens": 1, "temperature": 
 """One greedy token: the smallest generate request."""
 
 
+EXIT_GRACE_S = 2.0
+"""How long a connection failure waits for a launched server's process to show its exit."""
+
+
 @dataclass
 class Server:
     """What the engine knows about one server."""
@@ -67,7 +71,15 @@ class Server:
     def explain(self, err: RemoteServerError) -> RemoteServerError:
         """Add the process state of a launched server that died."""
         process = self.process
-        if process is None or process.exit_code() is None:
+        if process is None:
+            return err
+        # A server killed mid-request resets its connections an instant before its process tree is
+        # reaped: a connection-level failure (no HTTP status, not a timeout) waits a moment for the exit.
+        grace = EXIT_GRACE_S if err.status is None and not isinstance(err, RemoteServerTimeout) else 0.0
+        deadline = time.monotonic() + grace
+        while process.exit_code() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if process.exit_code() is None:
             return err
         return type(err)(self.url, f"{err.detail}; its process exited with code {process.exit_code()}. "
                          f"Log {process.log_path}:\n{process.log_tail(20)}", status=err.status)  # fmt: skip
