@@ -156,3 +156,37 @@ def test_without_an_actor_it_loads_the_folder(actor, tokenizer, tiny_model_dir):
     assert {p.dtype for p in half.actor.parameters()} == {torch.bfloat16}
     with pytest.raises(ValueError, match="dtype must be one of auto, float32, bfloat16, float16; got 'fp8'"):
         HFEngine(dtype="fp8")
+
+
+def test_a_repeated_prompt_is_prefilled_once_and_samples_as_generate_alone(monkeypatch, actor, tokenizer, tiny_model_dir):
+    # Three distinct prompts among four (one repeated, not adjacent), a one-token prompt, unequal lengths.
+    prompts = [PROMPTS[0], [7], PROMPTS[2], PROMPTS[0]]
+    sampling = SamplingConfig(n=3, temperature=0.8, max_new_tokens=6, seed=5)
+    batches = []
+    hook = actor.model.register_forward_hook(lambda module, args, kwargs, out: batches.append(tuple(kwargs["input_ids"].shape)),
+                                             with_kwargs=True)
+    shared = _engine(actor, tokenizer, tiny_model_dir).generate(prompts, sampling)
+    width = max(map(len, prompts))
+    # The prefix pass: 3 distinct prompts, all columns but the last; then generate runs 12 rows, one column at a time.
+    assert batches[0] == (3, width - 1)
+    assert batches[1:] == [(12, 1)] * (len(batches) - 1) and len(batches) > 1
+    hook.remove()
+    monkeypatch.setattr(HFEngine, "_shared_prefix_cache", lambda self, *args: None)  # generate's own prefill of 12 rows
+    alone = _engine(actor, tokenizer, tiny_model_dir).generate(prompts, sampling)
+    assert [[c.token_ids for c in g] for g in shared] == [[c.token_ids for c in g] for g in alone]
+    for group_shared, group_alone in zip(shared, alone):
+        for a, b in zip(group_shared, group_alone):
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
+    # And both against the actor's own full forward of each prompt + completion.
+    for prompt, group in zip(prompts, shared):
+        for c in group:
+            reference = actor_token_logprobs(actor, prompt, c.token_ids, 0.8)
+            torch.testing.assert_close(torch.tensor(c.logprobs, dtype=torch.float64), reference, rtol=0, atol=1e-5)
+
+
+def test_distinct_prompts_leave_the_whole_prefill_to_generate(actor, tokenizer, tiny_model_dir):
+    batches = []
+    actor.model.register_forward_hook(lambda module, args, kwargs, out: batches.append(tuple(kwargs["input_ids"].shape)),
+                                      with_kwargs=True)
+    _engine(actor, tokenizer, tiny_model_dir).generate(PROMPTS, SamplingConfig(n=1, max_new_tokens=3, seed=0))
+    assert batches[0] == (3, max(map(len, PROMPTS)))
