@@ -368,11 +368,18 @@ def response_logprobs(
 def _decoder_hidden(model: nn.Module, **inputs: Tensor) -> Tensor:
     """The decoder's last hidden states ``[B, T, H]`` (after its final norm), through the model's own
     forward, so FSDP2's root hooks run, but without keeping every layer's output
-    (``output_hidden_states``) or projecting to the vocabulary (``logits_to_keep=1``)."""
+    (``output_hidden_states``) or projecting any position to the vocabulary (``logits_to_keep`` an
+    empty index tensor: transformers' convention for the positions to keep, here none).
+
+    Not ``logits_to_keep=1``: that projects each row's last position, a strided ``[B, 1, H]`` slice,
+    and PyTorch's CPU bfloat16 matmul without grad is ~85× slower on a strided input (2 s instead of
+    24 ms at a 151,936-token vocabulary): 83% of the realistic-shape log-prob phase was that unused
+    projection (benchmarks/RESULTS.md)."""
     captured: list[Tensor] = []
     hook = model.get_decoder().register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    no_position = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
     try:
-        model(**inputs, logits_to_keep=1, use_cache=False)
+        model(**inputs, logits_to_keep=no_position, use_cache=False)
     finally:
         hook.remove()
     return captured[0]

@@ -65,7 +65,7 @@ from archer.rollout_view import notify_rollout_end
 from archer.sampling import GroupSampler
 from archer.seeding import Seeds
 from archer.shaping import AdvantageShaping
-from archer.step_logging import log_step_metrics
+from archer.step_logging import StepLog
 from archer.step_metrics import StepTimes, reset_peak_memory, step_metrics
 from archer.token_view import pick_samples
 from archer.watchdog import Watchdog
@@ -198,6 +198,7 @@ class ArcherModule(ModelPathState, L.LightningModule):
         self._sampler: GroupSampler | None = None
         self._async: AsyncSampler | None = None
         self._seeds: Seeds | None = None
+        self._step_log = StepLog()
         self._counters = {"nonfinite_steps": 0, "empty_steps": 0, "nonfinite_in_a_row": 0,
                           "failed_rewards_in_a_row": 0}
         """Running totals, stored in checkpoints: optimizer steps skipped for a non-finite loss or gradient
@@ -343,6 +344,7 @@ class ArcherModule(ModelPathState, L.LightningModule):
     # ------------------------------------------------------------------------------------ step
     def training_step(self, batch: list[dict], batch_idx: int) -> None:
         reset_peak_memory(self.device)
+        self._step_log.discard()
         self.policy.forward_passes.clear()
         step, t0 = self.global_step, time.perf_counter()
         self.actor.eval()  # rollout and old log-probs without dropout
@@ -376,7 +378,7 @@ class ArcherModule(ModelPathState, L.LightningModule):
             dynamic_sampling=self.dynamic_sampling is not None, stale=stale, forward_passes=self.policy.forward_passes,
             collectives=self.collectives, device=self.device, versions=versions,
         )
-        log_step_metrics(self.trainer, metrics)  # not self.log_dict: ~0.35 ms a key (archer/step_logging.py)
+        self._step_log.add(self.trainer, metrics)  # not self.log_dict: ~0.35 ms a key (archer/step_logging.py)
         self.log("reward", metrics["train/reward_mean"], prog_bar=True, on_step=True, logger=False, batch_size=len(batch))
         self._keep_samples(exp, scored.scores, result.first_entropy)  # 6. the token view's samples
         notify_rollout_end(self, scored, exp, step)  # 7. callbacks' on_rollout_end (archer/rollout_view.py)
@@ -384,6 +386,14 @@ class ArcherModule(ModelPathState, L.LightningModule):
         check_nonfinite_steps(self._counters, self.update.max_nonfinite_steps)
         check_failed_reward_steps(self._counters["failed_rewards_in_a_row"], self.max_failed_reward_steps,
                                   scored.rewards, self.reward_timeout_s)
+
+    def log_step_metric(self, name: str, value: float) -> None:
+        """Add ``name: value`` to this RL step's row of metrics (from a callback's ``on_train_batch_end``;
+        written once with the step's other metrics at the step's end, archer/step_logging.py)."""
+        self._step_log.add(self.trainer, {name: value})
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self._step_log.write(self.trainer)  # after every callback's on_train_batch_end: one row per step
 
     def _rollouts(self) -> GroupSampler:
         """The training thread's sampler, built (and the engine bound to the actor) at first use."""

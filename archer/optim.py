@@ -33,6 +33,7 @@ def build_optimizer(parameters: Iterable[torch.nn.Parameter], config: OptimConfi
     """AdamW over the trainable ``parameters`` and its ``LambdaLR`` schedule over ``total`` RL steps
     (None: no horizon, the cosine stays at 1)."""
     optimizer = torch.optim.AdamW(
-        [p for p in parameters if p.requires_grad], lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+        [p for p in parameters if p.requires_grad], lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
+        fused=config.fused,
     )
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, total))

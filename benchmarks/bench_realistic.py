@@ -1,6 +1,7 @@
 """The paper's config (configs/archer_math_1.5b.yaml) on CPU with realistic shapes: one or two RL steps.
 
     python benchmarks/bench_realistic.py [--layers 4] [--steps 1] [--prompts 8] [--n 4] [--max-new-tokens 64]
+                                         [--set model.gradient_checkpointing=false ...]
 
 What runs: ``archer fit`` (a subprocess) with configs/archer_math_1.5b.yaml, changed only where a
 CPU (or the random weights) forces it — every change is listed in the output and in RESULTS.md:
@@ -163,6 +164,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4, help="samples per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--keep-dynamic-sampling", action="store_true", help="keep the paper's dynamic sampling")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a further change, e.g. model.gradient_checkpointing=false (VALUE is YAML; repeatable)")
     parser.add_argument("--keep", help="keep the work folder (model, config, log, metrics) here")
     parser.add_argument("--no-record", action="store_true", help="print the tables only (no RESULTS.md append)")
     args = parser.parse_args()
@@ -183,6 +186,16 @@ def main() -> None:
         params = parameter_count(model_dir)
         write_math(work / "math.jsonl", max(64, args.prompts * args.steps))
         config, changes = adapt(yaml.safe_load(PAPER_CONFIG.read_text()), args, work)
+        for setting in args.set:  # a variant under study, listed with the other changes
+            key, _, text = setting.partition("=")
+            *path, name = key.split(".")
+            section_ = config
+            for part in path:
+                if not isinstance(section_.get(part) if isinstance(section_, dict) else None, dict):
+                    raise SystemExit(f"--set {setting}: the config has no section {part!r} on the way to {key!r}")
+                section_ = section_[part]
+            changes.append(f"`{key}`: {json.dumps(section_.get(name))} → {json.dumps(yaml.safe_load(text))} (--set)")
+            section_[name] = yaml.safe_load(text)
         (work / "config.yaml").write_text(yaml.safe_dump(config))
         log = (work / "fit.log").open("w")
         start = time.perf_counter()

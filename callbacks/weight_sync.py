@@ -64,4 +64,4 @@ class WeightSyncCallback(L.Callback):
                 # Servers shared by the ranks are updated by one of them: no rank samples the next batch
                 # before the new weights are in place.
                 trainer.strategy.barrier("archer-weight-sync")
-        pl_module.log("time/weight_sync_s", time.perf_counter() - start, on_step=True, on_epoch=False)
+        pl_module.log_step_metric("time/weight_sync_s", time.perf_counter() - start)  # in the step's one row

@@ -17,11 +17,14 @@ QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 
 
 class Recorder(L.Callback):
-    """Keeps a copy of ``trainer.callback_metrics`` after every training step."""
+    """Adds ``test/extra`` to the second step's row (as WeightSyncCallback adds its time) and keeps a copy
+    of ``trainer.callback_metrics`` after every training step."""
 
     seen: list = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == 2:  # the optimizer has stepped: step index 1
+            pl_module.log_step_metric("test/extra", 12.5)
         Recorder.seen.append(dict(trainer.callback_metrics))
 
 
@@ -41,6 +44,8 @@ def test_rows_follow_log_every_n_steps_and_callbacks_see_every_step(tmp_path, ti
     # Lightning logs a step when (its index + 1) is a multiple of log_every_n_steps: indices 1 and 3 of 0..4.
     assert rows["step"].tolist() == [1, 3]
     assert rows["epoch"].tolist() == [0, 0]
+    # The callback's value is in its step's one row, and a later row without it does not repeat it.
+    assert rows["test/extra"].tolist()[0] == 12.5 and pd.isna(rows["test/extra"].tolist()[1])
     assert set(keys_logged_when()) <= set(rows.columns)
     # Every step, logged or not, is in callback_metrics: 0-dim float32 tensors, the logged ones equal to the rows.
     assert len(Recorder.seen) == 5
