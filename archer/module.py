@@ -56,7 +56,7 @@ from archer.losses import ArcherLoss, PolicyLoss
 from archer.metrics import PassAtK
 from archer.models import DTYPES, load_actor_and_reference, runs_packed
 from archer.nonfinite import check_finite_parameters, check_nonfinite_steps, count_skipped
-from archer.optim import build_optimizer
+from archer.optim import build_optimizer, use_fused
 from archer.preemption import CheckpointOnSigterm
 from archer.rewards import Reward, RewardRunner
 from archer.rewards.failures import check_failed_reward_steps, failed_reward_steps
@@ -307,8 +307,9 @@ class ArcherModule(ModelPathState, L.LightningModule):
         )
 
     def configure_callbacks(self) -> list[L.Callback]:
-        # Lightning's exception path skips teardown: stop the threads there too.
-        return [_StopThreadsOnException(), CheckpointOnSigterm()]
+        # Lightning's exception path skips teardown: stop the threads there too. A preempted step's
+        # row is written before the exit (the module's on_train_batch_end, which would, never runs).
+        return [_StopThreadsOnException(), CheckpointOnSigterm(before_exit=lambda: self._step_log.write(self.trainer))]
 
     def stop_threads(self) -> None:
         """Stop the watchdog and the asynchronous rollout producer, if any (idempotent)."""
@@ -332,6 +333,9 @@ class ArcherModule(ModelPathState, L.LightningModule):
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
         optimizer, scheduler = build_optimizer(self.actor.parameters(), self.optim, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        use_fused(self.optimizers().optimizer, self.optim.fused)  # after a resumed run's optimizer state is loaded
 
     # ------------------------------------------------------------------------ checkpoint hooks
     def on_save_checkpoint(self, checkpoint: dict) -> None:

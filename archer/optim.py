@@ -9,7 +9,7 @@ import torch
 
 from archer.config import OptimConfig
 
-__all__ = ["build_optimizer", "lr_factor"]
+__all__ = ["build_optimizer", "lr_factor", "use_fused"]
 
 
 def lr_factor(config: OptimConfig, total: int | None) -> Callable[[int], float]:
@@ -37,3 +37,22 @@ def build_optimizer(parameters: Iterable[torch.nn.Parameter], config: OptimConfi
         fused=config.fused,
     )
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, total))
+
+
+def use_fused(optimizer: torch.optim.Optimizer, fused: bool) -> None:
+    """Make every parameter group take (or not) AdamW's fused kernel, whatever a loaded checkpoint said.
+
+    ``load_state_dict`` brings back the saved groups' flags, so a run resumed from a checkpoint of a
+    non-fused AdamW would stay on the slow loop (and ``optim.fused: false`` would not switch a fused
+    one off). The fused kernel keeps each ``step`` count as a float32 tensor on the parameter's device,
+    the loop on the CPU: the counts move accordingly.
+    """
+    for group in optimizer.param_groups:
+        group["fused"] = fused
+        if fused:
+            group["foreach"] = None  # AdamW refuses fused and foreach both set
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if "step" in state:
+                device = param.device if fused or group.get("capturable") else torch.device("cpu")
+                state["step"] = state["step"].to(device=device, dtype=torch.float32)

@@ -16,6 +16,7 @@ that counts, as after a SIGKILL.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -31,7 +32,11 @@ EXIT_CODE = 143
 
 
 class CheckpointOnSigterm(L.Callback):
-    """After the step in which a rank received SIGTERM: ``last.ckpt``, then ``SystemExit(143)``."""
+    """After the step in which a rank received SIGTERM: ``last.ckpt``, ``before_exit()`` (if given),
+    then ``SystemExit(143)``."""
+
+    def __init__(self, before_exit: Callable[[], None] | None = None) -> None:
+        self.before_exit = before_exit
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
@@ -46,6 +51,8 @@ class CheckpointOnSigterm(L.Callback):
             path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
             trainer.save_checkpoint(path)
             saved = f"saved {path}; resume with the same command and --ckpt_path last"
+        if self.before_exit is not None:
+            self.before_exit()
         if trainer.is_global_zero:
             print(f"archer: SIGTERM received: stopped after step {trainer.global_step} and {saved}", file=sys.stderr,
                   flush=True)

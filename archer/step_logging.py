@@ -9,10 +9,11 @@ measured with py-spy). The step's metrics are already reduced over ranks
 in **one** call at the end of the step, through Lightning's own path to the loggers:
 
 - as float32 scalars (what ``self.log`` makes of Python floats), at the step Lightning numbers its
-  rows with, with the ``epoch`` key, on the steps ``log_every_n_steps`` selects (and the last one);
+  rows with, with the ``epoch`` key, on the steps ``log_every_n_steps`` selects (or when the run stops);
 - into ``trainer.callback_metrics`` as 0-dim tensors as soon as they are added, every step (progress
   bars, ``ModelCheckpoint(monitor=...)``, ``EarlyStopping`` read them there);
-- a step that raises before its end (a stopping check in ``training_step``) writes no row.
+- a step that raises before its end (a stopping check in ``training_step``) writes no row; a step
+  ended by SIGTERM writes its row before the exit (:class:`archer.preemption.CheckpointOnSigterm`).
 
 Two differences from ``self.log_dict``, both what docs/metrics.md says: a key a step did not produce
 (a ratio with nothing measured, ``rollout/canary_gap`` without engine log-probs) is absent from that

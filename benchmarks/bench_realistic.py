@@ -187,13 +187,15 @@ def main() -> None:
         write_math(work / "math.jsonl", max(64, args.prompts * args.steps))
         config, changes = adapt(yaml.safe_load(PAPER_CONFIG.read_text()), args, work)
         for setting in args.set:  # a variant under study, listed with the other changes
-            key, _, text = setting.partition("=")
+            key, equals, text = setting.partition("=")
             *path, name = key.split(".")
             section_ = config
             for part in path:
-                if not isinstance(section_.get(part) if isinstance(section_, dict) else None, dict):
+                if not isinstance(section_.get(part), dict):
                     raise SystemExit(f"--set {setting}: the config has no section {part!r} on the way to {key!r}")
                 section_ = section_[part]
+            if not equals:  # a misspelt key fails in archer fit, whose error the benchmark prints
+                raise SystemExit(f"--set {setting}: expected KEY=VALUE (VALUE in YAML)")
             changes.append(f"`{key}`: {json.dumps(section_.get(name))} → {json.dumps(yaml.safe_load(text))} (--set)")
             section_[name] = yaml.safe_load(text)
         (work / "config.yaml").write_text(yaml.safe_dump(config))

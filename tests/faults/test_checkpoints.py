@@ -22,6 +22,7 @@ from harness import FSDP2, RUN, actor_weights, args, assert_ok, in_process, over
 
 from archer.checkpoint_io import check_readable
 from archer.preemption import EXIT_CODE
+from archer.report import load_metrics, metric_series
 
 pytestmark = [pytest.mark.slow]
 
@@ -64,6 +65,11 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes_exactly(straight, tiny_
     moments = zip(resumed["optimizer_states"][0]["state"].values(), reference["optimizer_states"][0]["state"].values())
     for a, b in moments:
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    # Every step has its row: the preempted run's last step (written before the exit), then the resumed one's.
+    rewards = metric_series(load_metrics(str(tmp_path / RUN)), "train/reward_mean")
+    assert rewards.index.tolist() == list(range(STEPS))
+    straight_rewards = metric_series(load_metrics(str(straight / RUN)), "train/reward_mean")
+    assert rewards.tolist() == straight_rewards.tolist()
 
 
 @pytest.mark.parametrize("damage", ["truncated", "corrupt"])

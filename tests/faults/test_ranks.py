@@ -22,7 +22,7 @@ DDP = ["--trainer.strategy=ddp", "--trainer.devices=2"]
 
 def test_a_rank_killed_mid_step_ends_the_other_with_the_phase_and_rank(tiny_model_dir, tmp_path):
     """SIGKILL of rank 1 before its first backward pass of step 1: rank 0, inside the update's gradient
-    all-reduce, gets gloo's "Connection closed by peer" and exits 1; the traceback's last line says
+    all-reduce, gets gloo's "Connection closed by peer" (or "reset by peer") and exits 1; the traceback's last line says
     where it was (the update phase of step 1, on rank 0, waiting on the other ranks). Or, when rank 0
     is slower to unwind than Lightning's child-process observer is to poll, the observer ends it
     (SIGKILL) and says why — either way no wait past a few seconds."""
@@ -34,7 +34,8 @@ def test_a_rank_killed_mid_step_ends_the_other_with_the_phase_and_rank(tiny_mode
         assert "terminated with code -9. Forcefully terminating all other processes" in output, output
         return
     assert code == 1, output
-    assert "Connection closed by peer" in output, output
+    # The killed peer's socket reads as closed or as reset, depending on when the kernel tore it down.
+    assert re.search(r"Connection (closed|reset) by peer", output), output
     assert "archer: rank 0 step 1: raised in the update phase, waiting on the other ranks' collectives (2 ranks)" in output
 
 

@@ -186,7 +186,8 @@ def test_a_repeated_prompt_is_prefilled_once_and_samples_as_generate_alone(monke
 
 def test_distinct_prompts_leave_the_whole_prefill_to_generate(actor, tokenizer, tiny_model_dir):
     batches = []
-    actor.model.register_forward_hook(lambda module, args, kwargs, out: batches.append(tuple(kwargs["input_ids"].shape)),
-                                      with_kwargs=True)
+    hook = actor.model.register_forward_hook(
+        lambda module, args, kwargs, out: batches.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
     _engine(actor, tokenizer, tiny_model_dir).generate(PROMPTS, SamplingConfig(n=1, max_new_tokens=3, seed=0))
+    hook.remove()
     assert batches[0] == (3, max(map(len, PROMPTS)))
