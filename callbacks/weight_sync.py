@@ -64,4 +64,8 @@ class WeightSyncCallback(L.Callback):
                 # Servers shared by the ranks are updated by one of them: no rank samples the next batch
                 # before the new weights are in place.
                 trainer.strategy.barrier("archer-weight-sync")
-        pl_module.log_step_metric("time/weight_sync_s", time.perf_counter() - start)  # in the step's one row
+        seconds = time.perf_counter() - start
+        if hasattr(pl_module, "log_step_metric"):  # ArcherModule: in the step's one row (archer/step_logging.py)
+            pl_module.log_step_metric("time/weight_sync_s", seconds)
+        else:  # another LightningModule holding an actor and an engine (the tests' one-step modules)
+            pl_module.log("time/weight_sync_s", seconds, on_step=True, on_epoch=False)
