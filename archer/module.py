@@ -309,7 +309,7 @@ class ArcherModule(ModelPathState, L.LightningModule):
     def configure_callbacks(self) -> list[L.Callback]:
         # Lightning's exception path skips teardown: stop the threads there too. A preempted step
         # exits before the module's on_train_batch_end, which writes the step's row: write it first.
-        return [_StopThreadsOnException(), CheckpointOnSigterm(before_exit=lambda: self._step_log.write(self.trainer))]
+        return [_StopThreadsOnException(), CheckpointOnSigterm(before_exit=lambda: self._step_log.write(self.trainer, last=True))]
 
     def stop_threads(self) -> None:
         """Stop the watchdog and the asynchronous rollout producer, if any (idempotent)."""

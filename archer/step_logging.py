@@ -13,7 +13,8 @@ in **one** call at the end of the step, through Lightning's own path to the logg
 - into ``trainer.callback_metrics`` as 0-dim tensors as soon as they are added, every step (progress
   bars, ``ModelCheckpoint(monitor=...)``, ``EarlyStopping`` read them there);
 - a step that raises before its end (a stopping check in ``training_step``) writes no row; a step
-  ended by SIGTERM writes its row before the exit (:class:`archer.preemption.CheckpointOnSigterm`).
+  ended by SIGTERM writes its row before the exit, whatever ``log_every_n_steps`` says
+  (:class:`archer.preemption.CheckpointOnSigterm`).
 
 Two differences from ``self.log_dict``, both what docs/metrics.md says: a key a step did not produce
 (a ratio with nothing measured, ``rollout/canary_gap`` without engine log-probs) is absent from that
@@ -47,9 +48,10 @@ class StepLog:
         """Forget what was added (a new step starts)."""
         self.pending = {}
 
-    def write(self, trainer: L.Trainer) -> None:
-        """Write this step's row, if ``log_every_n_steps`` selects the step, and start a new one."""
+    def write(self, trainer: L.Trainer, *, last: bool = False) -> None:
+        """Write this step's row, if ``log_every_n_steps`` selects the step or it is the ``last`` one
+        this process runs (preemption), and start a new one."""
         pending, self.pending = self.pending, {}
         connector = trainer._logger_connector  # Lightning's own path to the loggers: step numbering, epoch, save
-        if pending and (connector.should_update_logs or trainer.fast_dev_run):
+        if pending and (last or connector.should_update_logs or trainer.fast_dev_run):
             connector.log_metrics(pending)

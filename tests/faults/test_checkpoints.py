@@ -48,7 +48,8 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes_exactly(straight, tiny_
     engine = recording_engine(tmp_path / "records")
     term = {"class_path": "fault_probe.SigtermAtStep", "init_args": {"step": 2}}
     override = override_file(tmp_path, max_steps=STEPS, every=EVERY, callbacks=[term], model=engine)
-    code, output = run_subprocess(tmp_path, args(tiny_model_dir, override), env=CHILD_ENV)
+    # Rows every 2 steps: the preempted step (index 2) is not one of them, and still gets its row.
+    code, output = run_subprocess(tmp_path, args(tiny_model_dir, override, "--trainer.log_every_n_steps=2"), env=CHILD_ENV)
     report_detection(tmp_path / "output.log", "fault: SIGTERM")
     assert code == EXIT_CODE, output
     last = tmp_path / RUN / "checkpoints" / "last.ckpt"
@@ -65,11 +66,11 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes_exactly(straight, tiny_
     moments = zip(resumed["optimizer_states"][0]["state"].values(), reference["optimizer_states"][0]["state"].values())
     for a, b in moments:
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
-    # Every step has its row: the preempted run's last step (written before the exit), then the resumed one's.
+    # Rows: step 1 (log_every_n_steps), step 2 (preempted: written before the exit), step 3 (resumed run).
     rewards = metric_series(load_metrics(str(tmp_path / RUN)), "train/reward_mean")
-    assert rewards.index.tolist() == list(range(STEPS))
+    assert rewards.index.tolist() == [1, 2, 3]
     straight_rewards = metric_series(load_metrics(str(straight / RUN)), "train/reward_mean")
-    assert rewards.tolist() == straight_rewards.tolist()
+    assert rewards.tolist() == straight_rewards.loc[[1, 2, 3]].tolist()
 
 
 @pytest.mark.parametrize("damage", ["truncated", "corrupt"])
